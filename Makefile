@@ -1,0 +1,47 @@
+# kvmstate — every target installs what it needs first.
+PYTHON ?= /usr/bin/python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-unit test-lab lint bench lab-up lab-down demo clean
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,lab]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole suite: unit, fake-transport and the real lab tests.
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -m 'not lab'
+
+test-lab: $(STAMP)
+	$(BIN)/pytest -q -m lab
+
+lint: $(STAMP)
+	$(BIN)/ruff check kvmstate tests bench
+	$(BIN)/ruff format --check kvmstate tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+lab-up: $(STAMP)
+	$(BIN)/kvmstate lab up
+
+lab-down: $(STAMP)
+	$(BIN)/kvmstate lab down
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

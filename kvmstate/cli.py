@@ -1,0 +1,298 @@
+"""The ``kvmstate`` command. Logging is configured here only.
+
+Exit codes (stable, for scripts and cron):
+  0  success; for plan/drift: no changes (the cluster matches the spec)
+  1  error: invalid spec, unreachable host, failed apply, refused change
+  2  plan/drift only: changes pending (drift)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvmstate import render
+from kvmstate.errors import KvmstateError, SpecError
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+EPILOG = {
+    "validate": "example:\n  kvmstate validate specs/seed.yaml",
+    "plan": (
+        "examples:\n  kvmstate plan specs/lab.yaml\n"
+        "  kvmstate plan specs/seed.yaml --assume-empty   # review a spec, contact no host\n"
+        "  kvmstate plan specs/lab.yaml --json\n\n"
+        "exit status: 0 no changes, 2 changes pending, 1 error"
+    ),
+    "apply": (
+        "examples:\n  kvmstate apply specs/lab.yaml\n"
+        "  kvmstate apply specs/lab-migrated.yaml --auto-approve   # live-migrates the guest\n\n"
+        "exit status: 0 converged, 1 error or not converged"
+    ),
+    "graph": "examples:\n  kvmstate graph specs/seed.yaml\n  kvmstate graph specs/seed.yaml --format dot | dot -Tsvg > g.svg",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmstate",
+        description="Run a KVM cluster from one desired-state file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"kvmstate {_version()}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    p.add_argument("--no-color", action="store_true", help="plain output (also: NO_COLOR=1)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name, help=help, description=help, epilog=EPILOG.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+        sp.add_argument("--no-color", action="store_true", help=argparse.SUPPRESS)
+        return sp
+
+    v = cmd("validate", "check a spec file; contacts no host")
+    v.add_argument("spec")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pl = cmd("plan", "show what apply would change")
+    pl.add_argument("spec")
+    pl.add_argument("--assume-empty", action="store_true",
+                    help="plan as if nothing existed yet; contacts no host")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--detailed-exitcode", action="store_true",
+                    help="accepted for Terraform users: plan always exits 0/2/1")
+    pl.add_argument("--allow-destroy", action="store_true", help="show deletions as allowed")
+
+    ap = cmd("apply", "change the cluster to match the spec")
+    ap.add_argument("spec")
+    ap.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
+    ap.add_argument("--allow-destroy", action="store_true",
+                    help="allow deleting what the spec marks state: absent")
+    ap.add_argument("--adopt", action="store_true",
+                    help="take over existing domains that kvmstate did not create")
+    ap.add_argument("--json", action="store_true", help="events and the report as JSON lines")
+    ap.add_argument("--max-rounds", type=int, default=3, help="convergence rounds (default 3)")
+
+    g = cmd("graph", "print the resource dependency graph")
+    g.add_argument("spec")
+    g.add_argument("--format", choices=["text", "dot", "mermaid"], default="text")
+
+    cmd("schema", "print the spec's JSON Schema")
+    sub.add_parser("lab", help="a local multi-host KVM lab (kvmstate lab --help)", add_help=False)
+    return p
+
+
+def _version() -> str:
+    from kvmstate import __version__
+
+    return __version__
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=render.make_console(stderr=True), show_path=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
+    if verbosity < 3:
+        logging.getLogger("asyncssh").setLevel(max(level, logging.WARNING))
+
+
+def _load(path: str) -> Any:
+    from kvmstate.loader import load_spec
+
+    return load_spec(path)
+
+
+def _graph(loaded: Any) -> Any:
+    from kvmstate.graph import build_graph
+    from kvmstate.resources import KINDS
+
+    return build_graph(loaded.spec, KINDS, path=loaded.path, lines=loaded.lines)
+
+
+def cmd_validate(args: argparse.Namespace, out: Any, err: Any) -> int:
+    loaded = _load(args.spec)
+    graph = _graph(loaded)
+    if args.json:
+        out.print_json(render.to_json({
+            "valid": True, "file": args.spec, "resources": len(graph),
+            "warnings": [str(w) for w in loaded.warnings],
+        }))
+        return EXIT_OK
+    render.problems(err, loaded.warnings)
+    spec = loaded.spec
+    out.print(f"{args.spec}: valid ({len(spec.hosts)} hosts, {len(graph)} resources"
+              f"{', ' + str(len(loaded.warnings)) + ' warnings' if loaded.warnings else ''})")
+    return EXIT_OK
+
+
+def _engine(loaded: Any, graph: Any, args: argparse.Namespace, events: Any) -> tuple[Any, Any]:
+    """The engine and the transports it uses (no transport at all for --assume-empty)."""
+    from kvmstate.engine import Engine, EngineConfig
+    from kvmstate.resources.base import Options, RunContext
+
+    options = Options(allow_destroy=getattr(args, "allow_destroy", False),
+                      adopt=getattr(args, "adopt", False))
+    if getattr(args, "assume_empty", False):
+        transports: Any = _NoTransports()
+    else:
+        from kvmstate.transport.real import RealTransports
+
+        transports = RealTransports(loaded.spec)
+    ctx = RunContext(loaded.spec, transports, options, events)
+    return Engine(graph, ctx, EngineConfig(max_rounds=getattr(args, "max_rounds", 3))), transports
+
+
+class _NoTransports:
+    """For --assume-empty: any attempt to reach a host is a bug."""
+
+    def shell(self, host: str) -> Any:
+        raise KvmstateError(f"--assume-empty must not contact {host}")
+
+    def libvirt(self, host: str) -> Any:
+        raise KvmstateError(f"--assume-empty must not contact {host}")
+
+    async def close(self) -> None:
+        return None
+
+
+def cmd_plan(args: argparse.Namespace, out: Any, err: Any) -> int:
+    loaded = _load(args.spec)
+    graph = _graph(loaded)
+    if not args.json:
+        render.problems(err, loaded.warnings)
+
+    async def run() -> Any:
+        engine, transports = _engine(loaded, graph, args, None)
+        if args.assume_empty:
+            return await engine.plan(assume_empty=True)
+        try:
+            with err.status(f"observing {len(loaded.spec.hosts)} hosts…", spinner="dots"):
+                return await engine.plan()
+        finally:
+            await transports.close()
+
+    plan = asyncio.run(run())
+    if args.json:
+        out.print_json(render.to_json(plan.as_dict()))
+    else:
+        render.plan(out, plan, title=f"kvmstate plan {args.spec}" + (" (assuming nothing exists)" if args.assume_empty else ""), verbose=args.verbose > 0)
+    if plan.errors:
+        return EXIT_ERROR
+    return EXIT_CHANGES if plan.has_changes else EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
+    loaded = _load(args.spec)
+    graph = _graph(loaded)
+    if not args.auto_approve and not sys.stdin.isatty():
+        err.print("refusing to ask for confirmation: stdin is not a terminal; pass --auto-approve",
+                  style="red")
+        return EXIT_ERROR
+    if not args.json:
+        render.problems(err, loaded.warnings)
+    printer = render.EventPrinter(out, json_out=sys.stdout if args.json else None)
+
+    async def run() -> int:
+        engine, transports = _engine(loaded, graph, args, printer)
+        try:
+            if args.json:
+                plan = await engine.plan()
+            else:
+                with err.status(f"observing {len(loaded.spec.hosts)} hosts…", spinner="dots"):
+                    plan = await engine.plan()
+            if plan.errors and not args.json:
+                render.plan(out, plan, title=f"kvmstate apply {args.spec}")
+            if not plan.has_changes and not plan.errors:
+                if args.json:
+                    printer({"event": "report", "report": {"converged": True, "outcomes": []}})
+                else:
+                    render.plan(out, plan)
+                return EXIT_OK
+            if not args.json:
+                render.plan(out, plan, title=f"kvmstate apply {args.spec}")
+            if not args.auto_approve:
+                answer = out.input("\nApply these changes? Only 'yes' is accepted: ")
+                if answer.strip() != "yes":
+                    out.print("Apply cancelled; nothing was changed.")
+                    return EXIT_ERROR
+            report = await engine.apply(plan)
+        finally:
+            printer.close()
+            await transports.close()
+        if args.json:
+            printer({"event": "report", "report": report.as_dict()})
+        else:
+            render.report(out, report)
+        return EXIT_OK if report.converged else EXIT_ERROR
+
+    return asyncio.run(run())
+
+
+def cmd_graph(args: argparse.Namespace, out: Any, err: Any) -> int:
+    graph = _graph(_load(args.spec))
+    text = {"dot": graph.to_dot, "mermaid": graph.to_mermaid, "text": graph.to_text}[args.format]()
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace, out: Any, err: Any) -> int:
+    import json
+
+    from kvmstate.spec import Spec
+
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kvmstate spec"
+    sys.stdout.write(json.dumps(schema, indent=2) + "\n")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "validate": cmd_validate,
+    "plan": cmd_plan,
+    "apply": cmd_apply,
+    "graph": cmd_graph,
+    "schema": cmd_schema,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lab":
+        from kvmstate.lab.cli import main as lab_main
+
+        return lab_main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_ERROR
+    _setup_logging(args.verbose)
+    out = render.make_console(no_color=args.no_color)
+    err = render.make_console(stderr=True, no_color=args.no_color)
+    try:
+        return COMMANDS[args.command](args, out, err)
+    except SpecError as e:
+        render.problems(err, e.problems)
+        n = len(e.problems)
+        err.print(f"{n} error{'s' if n != 1 else ''} in the spec; nothing was contacted.", style="red")
+        return EXIT_ERROR
+    except KvmstateError as e:
+        err.print(f"error: {e}", style="red")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.print("interrupted", style="red")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""plan / apply / converge. Knows no concrete resource kind and no concrete transport.
+
+plan:  read the facts of every host in one batch per host (all hosts in parallel), observe
+       every resource concurrently, diff -> a Plan of typed changes.
+apply: walk the graph; a node starts when all its dependencies are done; per-host concurrency
+       limits; right before mutating, re-observe and refuse if the world moved away from the
+       plan; apply; re-observe and fail the node unless it is now converged. A failed or
+       blocked node's dependents are skipped (their root cause is reported), independent
+       branches go on. Temporary errors are retried with backoff. Rounds repeat until nothing
+       is left to do, nothing changed in a round, or the round limit is reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvmstate.errors import ConflictError, HostUnreachable, KvmstateError, TemporaryError, TransportError
+from kvmstate.facts import Fact
+from kvmstate.graph import ResourceGraph
+from kvmstate.ids import ResourceId
+from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
+from kvmstate.resources.base import Resource, RunContext
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Actions a later convergence round may take on its own. Anything destructive or disruptive
+# (delete, replace, migrate) happens only if the plan the user approved contained it.
+_FOLLOW_UP_ACTIONS = frozenset({Action.CREATE, Action.UPDATE})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    host_concurrency: int = 4
+    observe_concurrency: int = 64
+    max_rounds: int = 3
+    retries: int = 3
+    retry_delay: float = 0.5
+
+
+def is_temporary(exc: BaseException) -> bool:
+    if isinstance(exc, TemporaryError):
+        return True
+    if isinstance(exc, TransportError | HostUnreachable):
+        return bool(exc.temporary)
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, KvmstateError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Engine:
+    def __init__(self, graph: ResourceGraph, ctx: RunContext, config: EngineConfig | None = None):
+        self.graph = graph
+        self.ctx = ctx
+        self.config = config or EngineConfig()
+        self._host_sems: dict[str, asyncio.Semaphore] = {}
+
+    # --- helpers -----------------------------------------------------------------------------
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        delay = self.config.retry_delay
+        for attempt in range(1, self.config.retries + 1):
+            try:
+                return await fn()
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if attempt == self.config.retries or not is_temporary(exc):
+                    raise
+                wait = exc.delay if isinstance(exc, TemporaryError) else delay
+                log.info("%s: temporary error (%s); retry %d in %.1fs", what, exc, attempt, wait)
+                await asyncio.sleep(wait)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _sems(self, r: Resource[Any]) -> list[asyncio.Semaphore]:
+        out = []
+        for h in sorted(set(r.hosts())):
+            sem = self._host_sems.get(h)
+            if sem is None:
+                sem = self._host_sems[h] = asyncio.Semaphore(self.config.host_concurrency)
+            out.append(sem)
+        return out
+
+    def _gate(self, change: Change) -> Change:
+        if change.action is Action.DELETE and not change.blocked and not self.ctx.options.allow_destroy:
+            return change.with_blocked("deleting needs --allow-destroy")
+        return change
+
+    # --- plan ----------------------------------------------------------------------------------
+    async def plan(self, *, assume_empty: bool = False) -> Plan:
+        order = self.graph.order()
+        started = time.monotonic()
+        if assume_empty:
+            changes = [self._gate(self.graph[rid].diff(None)) for rid in order]
+            return Plan(tuple(changes), {}, tuple(order), 0.0)
+
+        by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
+        for rid in order:
+            for host, fact in self.graph[rid].facts():
+                by_host[host].append(fact)
+
+        async def prefetch(host: str, facts: list[Fact[Any]]) -> None:
+            self.ctx.emit({"event": "observe-host", "host": host})
+            try:
+                await self._retry(f"facts on {host}", lambda: self.ctx.facts(host).prefetch(facts))
+            except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
+                log.debug("prefetch on %s failed: %s", host, exc)
+
+        await asyncio.gather(*(prefetch(h, fs) for h, fs in by_host.items()))
+
+        sem = asyncio.Semaphore(self.config.observe_concurrency)
+        errors: dict[ResourceId, str] = {}
+
+        async def observe(rid: ResourceId) -> Change | None:
+            r = self.graph[rid]
+            async with sem:
+                try:
+                    observed = await self._retry(str(rid), lambda: r.observe(self.ctx))
+                    change = self._gate(r.diff(observed))
+                except Exception as exc:  # noqa: BLE001 - each node catches its own errors
+                    log.debug("observe %s failed", rid, exc_info=True)
+                    errors[rid] = describe(exc)
+                    return None
+            self.ctx.emit({"event": "observed", "id": str(rid), "action": change.action.value})
+            return change
+
+        results = await asyncio.gather(*(observe(rid) for rid in order))
+        changes = tuple(c for c in results if c is not None)
+        return Plan(changes, errors, tuple(order), time.monotonic() - started)
+
+    # --- apply ---------------------------------------------------------------------------------
+    async def apply(self, plan: Plan | None = None) -> Report:
+        started = time.monotonic()
+        approved = plan if plan is not None else await self.plan()
+        allowed: dict[ResourceId, Action] = {c.id: c.action for c in approved.changes}
+        final: dict[ResourceId, Outcome] = {}
+        current = approved
+        rounds = 0
+        for rounds in range(1, self.config.max_rounds + 1):  # noqa: B007 - reported below
+            if rounds > 1:
+                current = await self.plan()
+            outcomes = await self._walk(current, allowed, first_round=rounds == 1)
+            for rid, o in outcomes.items():
+                prev = final.get(rid)
+                if prev is not None and prev.status is Status.CHANGED and o.status is Status.OK:
+                    continue  # keep "changed" from the round that did it
+                final[rid] = o
+            changed = any(o.status is Status.CHANGED for o in outcomes.values())
+            failed = any(o.status in (Status.FAILED, Status.BLOCKED) for o in outcomes.values())
+            if not changed or failed:
+                break
+            check = await self.plan()
+            if not check.has_changes and not check.errors:
+                break
+        converged = all(o.status in (Status.OK, Status.CHANGED) for o in final.values())
+        ordered = tuple(final[rid] for rid in self.graph.order() if rid in final)
+        return Report(ordered, rounds, converged, time.monotonic() - started)
+
+    async def _walk(
+        self, plan: Plan, allowed: dict[ResourceId, Action], *, first_round: bool
+    ) -> dict[ResourceId, Outcome]:
+        done: dict[ResourceId, asyncio.Future[Outcome]] = {
+            rid: asyncio.get_running_loop().create_future() for rid in self.graph.order()
+        }
+        changes = {c.id: c for c in plan.changes}
+
+        async def node(rid: ResourceId) -> None:
+            try:
+                outcome = await self._node(rid, changes, plan, allowed, done, first_round)
+            except BaseException as exc:
+                outcome = Outcome(rid, Status.FAILED, error=describe(exc))
+                done[rid].set_result(outcome)
+                raise
+            done[rid].set_result(outcome)
+
+        await asyncio.gather(*(node(rid) for rid in done))
+        return {rid: fut.result() for rid, fut in done.items()}
+
+    async def _node(
+        self,
+        rid: ResourceId,
+        changes: dict[ResourceId, Change],
+        plan: Plan,
+        allowed: dict[ResourceId, Action],
+        done: dict[ResourceId, asyncio.Future[Outcome]],
+        first_round: bool,
+    ) -> Outcome:
+        deps = self.graph.dependencies(rid)
+        dep_outcomes = [await done[d] for d in deps]
+        for d, o in zip(deps, dep_outcomes, strict=True):
+            if o.status in (Status.FAILED, Status.BLOCKED, Status.SKIPPED):
+                cause = o.cause or d
+                return Outcome(rid, Status.SKIPPED, changes.get(rid), cause=cause,
+                               error=f"skipped: {cause} did not converge")
+        if rid in plan.errors:
+            return Outcome(rid, Status.FAILED, error=plan.errors[rid])
+        planned = changes.get(rid)
+        if planned is None or planned.is_noop:
+            return Outcome(rid, Status.OK, planned)
+        if planned.blocked:
+            return Outcome(rid, Status.BLOCKED, planned, error=planned.blocked)
+        if not first_round and planned.action not in _FOLLOW_UP_ACTIONS and allowed.get(rid) is not planned.action:
+            return Outcome(rid, Status.BLOCKED, planned,
+                           error=f"{planned.action.value} was not in the approved plan; run plan again")
+        r = self.graph[rid]
+        started = time.monotonic()
+        self.ctx.emit({"event": "apply-start", "id": str(rid), "action": planned.action.value})
+        sems = self._sems(r)
+        try:
+            for sem in sems:
+                await sem.acquire()
+            try:
+                change = await self._recheck(r, planned)
+                if change is None:
+                    return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
+                r.log.info("%s: %s", change.action.value, change.reason or "applying")
+                observed = await self._retry(str(rid), lambda: r.apply(change, self.ctx))
+                for h in r.hosts():
+                    self.ctx.invalidate(h)
+                after = r.diff(observed)
+                if not after.is_noop:
+                    fields = ", ".join(d.field for d in after.diffs) or after.reason
+                    raise KvmstateError(f"{rid}: still not converged after apply ({fields})")
+            finally:
+                for sem in reversed(sems):
+                    sem.release()
+        except Exception as exc:  # noqa: BLE001 - each node catches its own errors
+            r.log.warning("failed: %s", describe(exc))
+            self.ctx.emit({"event": "apply-failed", "id": str(rid), "error": describe(exc)})
+            return Outcome(rid, Status.FAILED, planned, error=describe(exc),
+                           elapsed=time.monotonic() - started)
+        self.ctx.emit({"event": "apply-done", "id": str(rid), "action": planned.action.value})
+        return Outcome(rid, Status.CHANGED, change, elapsed=time.monotonic() - started)
+
+    async def _recheck(self, r: Resource[Any], planned: Change) -> Change | None:
+        """Re-observe right before mutating. None = nothing left to do."""
+        for h in r.hosts():
+            self.ctx.invalidate(h)
+        observed = await self._retry(str(r.id), lambda: r.observe(self.ctx))
+        fresh = self._gate(r.diff(observed))
+        if fresh.is_noop:
+            return None
+        if fresh.action is not planned.action or {d.field for d in fresh.diffs} != {
+            d.field for d in planned.diffs
+        }:
+            raise ConflictError(
+                f"{r.id}: the host changed since the plan (planned {planned.action.value}, "
+                f"now {fresh.action.value}); run plan again"
+            )
+        if fresh.blocked:
+            raise ConflictError(f"{r.id}: now blocked: {fresh.blocked}")
+        return fresh

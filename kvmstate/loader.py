@@ -1,0 +1,207 @@
+"""Load a spec file: YAML with line numbers -> validated ``Spec``, or ``SpecError`` listing
+every problem as ``file:line: field.path: message``."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kvmstate.errors import Problem, SpecError
+from kvmstate.spec import Spec
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    spec: Spec
+    path: str
+    lines: dict[Loc, int] = field(default_factory=dict)
+    warnings: tuple[Problem, ...] = ()
+
+    def line_of(self, loc: Loc) -> int | None:
+        return line_of(self.lines, loc)
+
+
+def line_of(lines: dict[Loc, int], loc: Loc) -> int | None:
+    """Line of the deepest known prefix of ``loc``."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+class _YamlProblem(Exception):
+    def __init__(self, line: int | None, loc: Loc, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.loc = loc
+        self.message = message
+
+
+def _compose(text: str, lines: dict[Loc, int]) -> Any:
+    """Parse YAML keeping the line of every key; duplicate keys are errors, not overwrites."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return None
+    constructor = yaml.SafeLoader("")
+
+    def build(n: yaml.Node, loc: Loc) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise _YamlProblem(
+                        key_node.start_mark.line + 1, loc, "YAML merge keys (<<) are not supported"
+                    )
+                key = constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int):
+                    raise _YamlProblem(key_node.start_mark.line + 1, loc, "keys must be strings")
+                if isinstance(key, int):
+                    key = str(key)
+                if key in out:
+                    first = lines.get((*loc, key))
+                    raise _YamlProblem(
+                        key_node.start_mark.line + 1,
+                        (*loc, key),
+                        f"duplicate key {key!r} (first defined on line {first})",
+                    )
+                lines[(*loc, key)] = key_node.start_mark.line + 1
+                out[key] = build(value_node, (*loc, key))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(n.value):
+                lines[(*loc, i)] = item.start_mark.line + 1
+                items.append(build(item, (*loc, i)))
+            return items
+        return constructor.construct_object(n, deep=True)
+
+    lines[()] = node.start_mark.line + 1
+    return build(node, ())
+
+
+def _unwrap(tp: Any) -> list[Any]:
+    """The concrete types inside Annotated / Optional / unions."""
+    origin = get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap(get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        out: list[Any] = []
+        for arg in get_args(tp):
+            if arg is not type(None):
+                out.extend(_unwrap(arg))
+        return out
+    return [tp]
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (for 'did you mean')."""
+    candidates: list[Any] = [Spec]
+    for part in loc:
+        nxt: list[Any] = []
+        for tp in candidates:
+            for t in _unwrap(tp):
+                origin = get_origin(t)
+                if isinstance(t, type) and issubclass(t, BaseModel) and isinstance(part, str):
+                    f = t.model_fields.get(part)
+                    if f is not None:
+                        nxt.append(f.annotation)
+                elif origin is dict:
+                    nxt.append(get_args(t)[1])
+                elif origin is list and isinstance(part, int):
+                    nxt.append(get_args(t)[0])
+        candidates = nxt
+    for tp in candidates:
+        for t in _unwrap(tp):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                return t
+    return None
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    loc = tuple(err["loc"])
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        name = str(loc[-1])
+        if model is not None:
+            allowed = list(model.model_fields)
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"unknown field {name!r}{hint} (allowed: {', '.join(allowed)})"
+        return f"unknown field {name!r}"
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if kind in ("literal_error", "enum"):
+        msg = f"{msg} (got {err.get('input')!r})"
+    return msg
+
+
+def problems_from_validation(
+    exc: ValidationError, path: str, lines: dict[Loc, int]
+) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        # pydantic adds the validator name ("function-after[...]") to some locs; drop those.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        out.append(Problem(path, line_of(lines, loc), loc, _message(err)))
+    return out
+
+
+def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
+    """Validate spec text. Raises SpecError with every problem found."""
+    from kvmstate.checks import check_spec  # local: checks imports spec models only
+
+    lines: dict[Loc, int] = {}
+    try:
+        data = _compose(text, lines)
+    except _YamlProblem as e:
+        raise SpecError([Problem(path, e.line, e.loc, e.message)]) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        what = e.problem or str(e)
+        ctx = f" ({e.context})" if e.context else ""
+        raise SpecError([Problem(path, line, (), f"YAML syntax error: {what}{ctx}")]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([Problem(path, None, (), f"YAML error: {e}")]) from None
+    if data is None:
+        raise SpecError([Problem(path, 1, (), "the spec is empty")])
+    if not isinstance(data, dict):
+        raise SpecError([Problem(path, lines.get(()), (), "the spec must be a mapping")])
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(problems_from_validation(e, path, lines)) from None
+    found = [
+        Problem(path, line_of(lines, loc), loc, msg, severity)
+        for loc, msg, severity in check_spec(spec)
+    ]
+    errors = [p for p in found if p.severity == "error"]
+    if errors:
+        raise SpecError(errors)
+    warnings = tuple(p for p in found if p.severity == "warning")
+    return LoadedSpec(spec=spec, path=path, lines=lines, warnings=warnings)
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem(str(path), None, (), "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([Problem(str(path), None, (), f"cannot read: {e}")]) from None
+    return parse_spec_text(text, str(path))

@@ -1,0 +1,186 @@
+"""Values that flow through the engine: changes, plans, outcomes and reports."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kvmstate.ids import ResourceId
+
+
+class Action(enum.StrEnum):
+    NOOP = "noop"
+    CREATE = "create"
+    UPDATE = "update"
+    REPLACE = "replace"
+    MIGRATE = "migrate"
+    DELETE = "delete"
+
+
+DriftClass = Literal["config", "runtime", "pending-restart"]
+
+
+@dataclass(frozen=True)
+class FieldDiff:
+    """One managed field: what is there (``before``) and what the spec wants (``after``)."""
+
+    field: str
+    before: Any
+    after: Any
+    drift: DriftClass = "config"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "before": self.before, "after": self.after, "class": self.drift}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A pre-flight check shown in the plan. A failed check blocks the change."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one resource needs. ``reason`` says why (also for NOOP: 'mounted from ...')."""
+
+    id: ResourceId
+    action: Action
+    diffs: tuple[FieldDiff, ...] = ()
+    reason: str = ""
+    blocked: str | None = None
+    checks: tuple[Check, ...] = ()
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> tuple[FieldDiff, ...]:
+        return tuple(d for d in self.diffs if d.drift == "pending-restart")
+
+    @property
+    def is_noop(self) -> bool:
+        return self.action is Action.NOOP
+
+    def with_blocked(self, reason: str) -> Change:
+        return Change(self.id, self.action, self.diffs, self.reason, reason, self.checks, self.data)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": str(self.id),
+            "kind": self.id.kind,
+            "host": self.id.host,
+            "name": self.id.name,
+            "action": self.action.value,
+            "reason": self.reason,
+            "diffs": [d.as_dict() for d in self.diffs],
+        }
+        if self.blocked:
+            out["blocked"] = self.blocked
+        if self.checks:
+            out["checks"] = [c.as_dict() for c in self.checks]
+        return out
+
+
+class Status(enum.StrEnum):
+    OK = "ok"  # nothing to do, or done and verified
+    CHANGED = "changed"
+    FAILED = "failed"
+    BLOCKED = "blocked"  # refused (destroy not allowed, pre-flight failed)
+    SKIPPED = "skipped"  # a dependency failed or was blocked
+
+
+@dataclass(frozen=True)
+class Outcome:
+    id: ResourceId
+    status: Status
+    change: Change | None = None
+    error: str | None = None
+    cause: ResourceId | None = None  # for SKIPPED: the root cause
+    elapsed: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": str(self.id), "status": self.status.value}
+        if self.change is not None:
+            out["action"] = self.change.action.value
+            out["diffs"] = [d.as_dict() for d in self.change.diffs]
+        if self.error:
+            out["error"] = self.error
+        if self.cause:
+            out["cause"] = str(self.cause)
+        out["elapsed"] = round(self.elapsed, 3)
+        if self.details:
+            out["details"] = dict(self.details)
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every resource's change, in dependency order, plus what could not be observed."""
+
+    changes: tuple[Change, ...]
+    errors: Mapping[ResourceId, str] = field(default_factory=dict)
+    order: tuple[ResourceId, ...] = ()
+    observe_seconds: float = 0.0
+
+    @property
+    def pending(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if not c.is_noop or c.pending)
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.pending)
+
+    def get(self, rid: ResourceId) -> Change | None:
+        for c in self.changes:
+            if c.id == rid:
+                return c
+        return None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.changes:
+            if not c.is_noop:
+                out[c.action.value] = out.get(c.action.value, 0) + 1
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "changes": [c.as_dict() for c in self.changes],
+            "errors": {str(k): v for k, v in self.errors.items()},
+            "summary": self.counts(),
+            "has_changes": self.has_changes,
+            "observe_seconds": round(self.observe_seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of ``apply``: one outcome per resource, and the rounds it took."""
+
+    outcomes: tuple[Outcome, ...]
+    rounds: int
+    converged: bool
+    elapsed: float = 0.0
+
+    @property
+    def failed(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if o.status in (Status.FAILED, Status.BLOCKED))
+
+    @property
+    def root_causes(self) -> tuple[Outcome, ...]:
+        return self.failed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "outcomes": [o.as_dict() for o in self.outcomes],
+            "rounds": self.rounds,
+            "converged": self.converged,
+            "elapsed": round(self.elapsed, 3),
+        }

@@ -1,0 +1,143 @@
+"""The resource contract every kind implements, and the context the engine hands it.
+
+    observe(ctx)         read-only; returns a small frozen observed state, or None = absent
+    diff(observed)       pure: compares only the fields the spec sets; returns a Change
+    apply(change, ctx)   mutates, then re-observes and returns the new observed state
+
+There is no dry-run flag: plan = observe + diff; apply is the only mutating path. The engine
+re-diffs what apply returns and fails the node unless it is NOOP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from kvmstate.facts import Fact, FactCache
+from kvmstate.ids import ResourceId
+from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.spec import Spec
+from kvmstate.transport.base import Libvirt, Shell, Transports
+
+ObsT = TypeVar("ObsT")
+
+Event = Mapping[str, Any]
+
+
+@dataclass
+class Options:
+    """Run-wide switches that change what apply may do."""
+
+    allow_destroy: bool = False
+    adopt: bool = False
+    install_packages: bool = False
+
+
+class RunContext:
+    """What a resource gets to do its work: transports, per-host fact caches, options,
+    named semaphores (per-host limits), and an event sink for progress."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        transports: Transports,
+        options: Options | None = None,
+        events: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.transports = transports
+        self.options = options or Options()
+        self._events = events
+        self._facts: dict[str, FactCache] = {}
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    def shell(self, host: str) -> Shell:
+        return self.transports.shell(host)
+
+    def libvirt(self, host: str) -> Libvirt:
+        return self.transports.libvirt(host)
+
+    def facts(self, host: str) -> FactCache:
+        cache = self._facts.get(host)
+        if cache is None:
+            cache = self._facts[host] = FactCache(self.transports.shell(host))
+        return cache
+
+    def invalidate(self, host: str) -> None:
+        if host in self._facts:
+            self._facts[host].invalidate()
+
+    def semaphore(self, key: str, limit: int) -> asyncio.Semaphore:
+        sem = self._semaphores.get(key)
+        if sem is None:
+            sem = self._semaphores[key] = asyncio.Semaphore(limit)
+        return sem
+
+    def emit(self, event: Event) -> None:
+        if self._events is not None:
+            self._events(event)
+
+
+class Resource(ABC, Generic[ObsT]):
+    """One managed thing on one host (or, for domains, on whichever host has it)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
+        self.spec = spec
+        self.name = name
+        self.host = host
+        self.id = ResourceId(self.kind, name, host)
+        self.log = logging.LoggerAdapter(
+            logging.getLogger(f"kvmstate.resources.{self.kind}"), {"resource": str(self.id)}
+        )
+
+    # --- graph -------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def expand(cls, spec: Spec) -> Iterable[Resource[Any]]:
+        """Every resource of this kind the spec asks for."""
+
+    def depends_on(self) -> frozenset[ResourceId]:
+        return frozenset()
+
+    @property
+    def absent(self) -> bool:
+        """True when the spec says this resource must not exist (``state: absent``)."""
+        return False
+
+    def hosts(self) -> tuple[str, ...]:
+        """Hosts this resource reads or changes (for per-host concurrency limits)."""
+        return (self.host,) if self.host else ()
+
+    # --- observe / diff / apply ------------------------------------------------------------------
+    def facts(self) -> Iterable[tuple[str, Fact[Any]]]:
+        """(host, fact) pairs observe will read; the engine batches them per host."""
+        return ()
+
+    @abstractmethod
+    async def observe(self, ctx: RunContext) -> ObsT | None: ...
+
+    @abstractmethod
+    def diff(self, observed: ObsT | None) -> Change: ...
+
+    @abstractmethod
+    async def apply(self, change: Change, ctx: RunContext) -> ObsT | None: ...
+
+    # --- helpers for subclasses ------------------------------------------------------------------
+    def change(
+        self,
+        action: Action,
+        diffs: Iterable[FieldDiff] = (),
+        reason: str = "",
+        **data: Any,
+    ) -> Change:
+        return Change(self.id, action, tuple(diffs), reason, data=data)
+
+    def noop(self, reason: str, diffs: Iterable[FieldDiff] = ()) -> Change:
+        return Change(self.id, Action.NOOP, tuple(diffs), reason)
+

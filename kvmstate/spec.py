@@ -1,0 +1,427 @@
+"""The desired-state spec: pydantic v2 models (frozen, ``extra="forbid"``).
+
+Only the *shape* and the *local* validity of values live here. Cross-references between
+sections (mount -> export, disk -> volume, ...) and hazard lints live in ``checks.py``; loading
+YAML with line numbers and turning every problem into ``file:line: field: message`` lives in
+``loader.py``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from kvmstate.units import Duration, Size
+
+# --- safe scalar types -------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+@:=,-]*$")
+_OPTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=:/+@-]*$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,127}$")
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_DISK_TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
+_DEVICE_TAG_RE = re.compile(r"^(LABEL|UUID|PARTUUID|PARTLABEL)=[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+def _check_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"path {value!r} must be absolute")
+    if not _PATH_RE.match(value):
+        bad = sorted({c for c in value if not re.match(r"[A-Za-z0-9._/+@:=,-]", c)})
+        raise ValueError(f"path {value!r} contains characters kvmstate does not accept: {bad!r}")
+    parts = value.split("/")
+    if any(p in (".", "..") for p in parts):
+        raise ValueError(f"path {value!r} must not contain '.' or '..' components")
+    if "//" in value:
+        raise ValueError(f"path {value!r} must not contain '//'")
+    if len(value) > 1 and value.endswith("/"):
+        raise ValueError(f"path {value!r} must not end with '/'")
+    if len(value) > 1024:
+        raise ValueError("path is longer than 1024 characters")
+    return value
+
+
+def _check_option(value: str) -> str:
+    if not _OPTION_RE.match(value) or len(value) > 256:
+        raise ValueError(
+            f"invalid option {value!r}: one option per list item; letters, digits and _.=:/+@- "
+            "only, not starting with '-'"
+        )
+    return value
+
+
+def _check_user(value: str) -> str:
+    if not _USER_RE.match(value):
+        raise ValueError(f"invalid user or group name {value!r}")
+    return value
+
+
+def _check_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(value):
+        raise ValueError(f"invalid address {value!r}: expected an IP address or a DNS name")
+    return value
+
+
+def _check_device(value: str) -> str:
+    if _DEVICE_TAG_RE.match(value):
+        return value
+    return _check_path(value)
+
+
+def _check_ifname(value: str) -> str:
+    if not _IFNAME_RE.match(value):
+        raise ValueError(f"invalid interface name {value!r} (1-15 letters, digits, '_.-')")
+    return value
+
+
+def _check_package(value: str) -> str:
+    if not _PACKAGE_RE.match(value):
+        raise ValueError(f"invalid Debian package name {value!r}")
+    return value
+
+
+def _check_network(value: str) -> str:
+    if value == "*":
+        return value
+    try:
+        if "/" in value:
+            ipaddress.ip_network(value, strict=True)
+        else:
+            ipaddress.ip_address(value)
+        return value
+    except ValueError as e:
+        if "/" in value:
+            raise ValueError(f"invalid network {value!r}: {e}") from None
+    if not _HOSTNAME_RE.match(value):
+        raise ValueError(
+            f"invalid client {value!r}: expected a CIDR network, an IP address, a host name or '*'"
+        )
+    return value
+
+
+def _check_cmdline(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("kernel command line must not contain control characters or newlines")
+    if len(value) > 2048:
+        raise ValueError("kernel command line is longer than 2048 characters")
+    return value
+
+
+def _to_str(value: Any) -> Any:
+    # YAML turns 4 into an int and 4.1 into a float; NFS versions are written either way.
+    if isinstance(value, bool):
+        return value
+    return str(value) if isinstance(value, int | float) else value
+
+
+def _str_or_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+AbsPath = Annotated[str, AfterValidator(_check_path)]
+Option = Annotated[str, AfterValidator(_check_option)]
+UnixName = Annotated[str, AfterValidator(_check_user)]
+Address = Annotated[str, AfterValidator(_check_address)]
+Device = Annotated[str, AfterValidator(_check_device)]
+IfName = Annotated[str, AfterValidator(_check_ifname)]
+Package = Annotated[str, AfterValidator(_check_package)]
+Network = Annotated[str, AfterValidator(_check_network)]
+Cmdline = Annotated[str, AfterValidator(_check_cmdline)]
+State = Literal["present", "absent"]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --- ssh ---------------------------------------------------------------------------------------
+
+
+class SSHOverrides(Model):
+    """SSH settings of one host; anything unset comes from the top-level ``ssh:``."""
+
+    user: UnixName | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    identity: Annotated[list[AbsPath] | None, BeforeValidator(_str_or_list)] = Field(
+        default=None, description="private key file(s); default: ssh-agent and ~/.ssh/id_*"
+    )
+    known_hosts: AbsPath | None = Field(
+        default=None, description="known_hosts file; default ~/.ssh/known_hosts"
+    )
+    verify_host_key: bool | None = Field(
+        default=None, description="verify the host key against known_hosts (default true)"
+    )
+    config: AbsPath | None = Field(default=None, description="ssh_config file (default ~/.ssh/config)")
+    connect_timeout: Duration | None = None
+    keepalive_interval: Duration | None = None
+    sudo: bool | None = Field(default=None, description="run commands with sudo -n (non-root user)")
+
+
+class SSHDefaults(SSHOverrides):
+    user: UnixName | None = "root"
+    port: int | None = Field(default=22, ge=1, le=65535)
+    verify_host_key: bool | None = True
+    connect_timeout: Duration | None = 10.0
+    keepalive_interval: Duration | None = 60.0
+    sudo: bool | None = False
+
+
+class SSHSettings(Model):
+    """Effective SSH settings of a host (defaults merged with the host's overrides)."""
+
+    user: str
+    port: int
+    identity: tuple[str, ...] | None
+    known_hosts: str | None
+    verify_host_key: bool
+    config: str | None
+    connect_timeout: float
+    keepalive_interval: float
+    sudo: bool
+
+
+# --- hosts -------------------------------------------------------------------------------------
+
+
+class MigrationLimits(Model):
+    outgoing: int = Field(default=1, ge=1, le=16)
+    incoming: int = Field(default=2, ge=1, le=16)
+
+
+class Host(Model):
+    address: Address
+    ssh: SSHOverrides | None = None
+    packages: list[Package] = Field(default_factory=list, description="apt packages to install")
+    drain: bool = Field(default=False, description="move every domain off this host")
+    migrations: MigrationLimits = Field(default_factory=MigrationLimits)
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+
+class Subvolume(Model):
+    host: Name
+    device: Device = Field(description="the btrfs filesystem (device path, LABEL= or UUID=)")
+    mountpoint: AbsPath = Field(description="where the subvolume is mounted (and kept in fstab)")
+    mount_options: list[Option] = Field(default_factory=lambda: ["defaults"])
+    toplevel: AbsPath | None = Field(
+        default=None,
+        description="where the filesystem's top level is mounted; default: mounted "
+        "temporarily under /run/kvmstate when a subvolume must be created",
+    )
+    state: State = "present"
+    force_destroy: bool = False
+
+
+class ExportClient(Model):
+    network: Network = Field(description="CIDR network, IP address, host name or '*'")
+    options: list[Option] = Field(default_factory=lambda: ["ro", "sync", "no_subtree_check"])
+
+
+class Export(Model):
+    host: Name
+    path: AbsPath
+    clients: list[ExportClient] = Field(min_length=1)
+    state: State = "present"
+
+
+NfsVersion = Literal["3", "4", "4.0", "4.1", "4.2"]
+
+
+class Mount(Model):
+    export: Name = Field(description="the export this mount uses (server and path come from it)")
+    hosts: list[Name] = Field(min_length=1)
+    mountpoint: AbsPath
+    nfs_version: Annotated[NfsVersion, BeforeValidator(_to_str)] = "4"
+    options: list[Option] = Field(default_factory=list)
+    state: State = "present"
+
+
+class Pool(Model):
+    type: Literal["dir"] = "dir"
+    path: AbsPath
+    hosts: list[Name] = Field(min_length=1)
+    autostart: bool = True
+    state: State = "present"
+
+
+class Volume(Model):
+    pool: Name
+    format: Literal["qcow2", "raw"] = "qcow2"
+    capacity: Size
+    owner: UnixName | None = None
+    group: UnixName | None = None
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
+    state: State = "present"
+    force_destroy: bool = False
+
+
+# --- domains -----------------------------------------------------------------------------------
+
+
+class Boot(Model):
+    firmware: Literal["bios", "uefi"] | None = None
+    kernel: AbsPath | None = None
+    initrd: AbsPath | None = None
+    cmdline: Cmdline | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Boot:
+        if self.firmware and self.kernel:
+            raise ValueError("choose firmware boot or direct kernel boot (kernel:), not both")
+        if (self.initrd or self.cmdline) and not self.kernel:
+            raise ValueError("initrd and cmdline need a kernel (direct kernel boot)")
+        return self
+
+
+class Disk(Model):
+    volume: Name
+    bus: Literal["virtio", "sata", "scsi", "ide"] = "virtio"
+    cache: Literal["none", "writeback", "writethrough", "directsync", "unsafe", "default"] = "none"
+    target: Annotated[str, Field(pattern=_DISK_TARGET_RE.pattern)] | None = None
+
+
+class Interface(Model):
+    bridge: IfName | None = None
+    network: Name | None = None
+    model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
+    mac: Annotated[str, Field(pattern=_MAC_RE.pattern)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Interface:
+        if (self.bridge is None) == (self.network is None):
+            raise ValueError("an interface needs exactly one of bridge: or network:")
+        return self
+
+
+def _serial_shorthand(value: Any) -> Any:
+    return {"type": value} if isinstance(value, str) else value
+
+
+class Serial(Model):
+    type: Literal["pty", "file"] = "pty"
+    path: AbsPath | None = None
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> Serial:
+        if self.type == "file" and not self.path:
+            raise ValueError("a file serial console needs a path")
+        if self.type == "pty" and self.path:
+            raise ValueError("a pty serial console takes no path")
+        return self
+
+
+class DowntimeStep(Model):
+    after: Duration = Field(description="time since the migration started")
+    max_downtime: Duration
+
+
+class MigrationPolicy(Model):
+    """How a domain is live-migrated when its placement changes. Unset fields inherit."""
+
+    live: bool | None = Field(default=None, description="live-migrate a running domain (default true)")
+    max_downtime: Duration | None = None
+    bandwidth: Size | None = Field(default=None, description="bandwidth limit per second, e.g. 100MiB")
+    auto_converge: bool | None = None
+    postcopy: Duration | None = Field(
+        default=None, description="switch to post-copy after this long without convergence"
+    )
+    parallel_connections: int | None = Field(default=None, ge=1, le=32)
+    compressed: bool | None = None
+    timeout: Duration | None = None
+    on_timeout: Literal["abort", "postcopy"] | None = None
+    downtime_steps: list[DowntimeStep] | None = Field(
+        default=None, description="raise the allowed downtime in steps while not converging"
+    )
+
+    def merged(self, override: MigrationPolicy | None) -> MigrationPolicy:
+        if override is None:
+            return self
+        data = self.model_dump(exclude_none=True)
+        data.update(override.model_dump(exclude_none=True))
+        return MigrationPolicy.model_validate(data)
+
+
+class Placement(Model):
+    hosts: list[Name] = Field(min_length=1, description="hosts the domain may run on")
+    policy: Literal["pinned", "preferred", "floating"] = Field(
+        default="pinned",
+        description="pinned: exactly `host`; preferred: move back to `host` when possible; "
+        "floating: any allowed host, a move by hand is not drift",
+    )
+
+
+class Domain(Model):
+    type: Literal["kvm", "qemu"] = "kvm"
+    memory: Size
+    vcpus: int = Field(default=1, ge=1, le=512)
+    boot: Boot | None = None
+    disks: list[Disk] = Field(default_factory=list)
+    interfaces: list[Interface] = Field(default_factory=list)
+    serial: Annotated[Serial | None, BeforeValidator(_serial_shorthand)] = None
+    state: Literal["running", "shut-off", "absent"] = "running"
+    autostart: bool = False
+    host: Name = Field(description="placement: the host the domain runs on")
+    placement: Placement | None = None
+    migration: MigrationPolicy | None = None
+    force_destroy: bool = False
+
+    def allowed_hosts(self) -> list[str]:
+        if self.placement is None:
+            return [self.host]
+        return list(dict.fromkeys([self.host, *self.placement.hosts]))
+
+
+# --- the whole spec ----------------------------------------------------------------------------
+
+
+class Spec(Model):
+    version: Literal[1] = Field(description="spec format version")
+    ssh: SSHDefaults = Field(default_factory=SSHDefaults)
+    migration: MigrationPolicy = Field(default_factory=MigrationPolicy)
+    hosts: dict[Name, Host] = Field(min_length=1)
+    subvolumes: dict[Name, Subvolume] = Field(default_factory=dict)
+    exports: dict[Name, Export] = Field(default_factory=dict)
+    mounts: dict[Name, Mount] = Field(default_factory=dict)
+    pools: dict[Name, Pool] = Field(default_factory=dict)
+    volumes: dict[Name, Volume] = Field(default_factory=dict)
+    domains: dict[Name, Domain] = Field(default_factory=dict)
+
+    def ssh_for(self, host: str) -> SSHSettings:
+        merged = {k: getattr(self.ssh, k) for k in SSHOverrides.model_fields}
+        overrides = self.hosts[host].ssh
+        if overrides is not None:
+            for k in SSHOverrides.model_fields:
+                if getattr(overrides, k) is not None:
+                    merged[k] = getattr(overrides, k)
+        identity = merged.get("identity")
+        merged["identity"] = tuple(identity) if identity else None
+        return SSHSettings.model_validate(merged)
+
+    def migration_for(self, domain: str) -> MigrationPolicy:
+        return self.migration.merged(self.domains[domain].migration)

@@ -1,0 +1,1 @@
+"""Transports: how kvmstate reaches hosts (a shell, libvirt). Protocols in ``base``."""

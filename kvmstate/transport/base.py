@@ -1,0 +1,109 @@
+"""The strict boundary under the resources: a shell and a libvirt connection per host.
+
+Resources never import asyncssh or libvirt; they talk to these protocols. The real
+implementations are ``ssh.py`` (asyncssh) and ``libvirt.py`` (libvirt-python over the same SSH
+connection); ``fake.py`` is an in-memory host for fast tests.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from kvmstate.errors import TransportError
+
+T = TypeVar("T")
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """The one place where an argv becomes a shell string."""
+    for arg in argv:
+        if "\x00" in arg:
+            raise ValueError("NUL byte in a command argument")
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    host: str
+    argv: tuple[str, ...]
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def check(self) -> CommandResult:
+        if self.exit_status != 0:
+            raise TransportError(self.host, self.argv, self.exit_status, self.stderr)
+        return self
+
+
+class Shell(Protocol):
+    """Runs argv lists on one host. ``run_many`` costs one round trip for all of them."""
+
+    host: str
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult: ...
+
+    async def run_many(self, argvs: Sequence[Sequence[str]]) -> list[CommandResult]: ...
+
+
+class Libvirt(Protocol):
+    """A libvirt connection to one host. Blocking libvirt calls run off the event loop."""
+
+    host: str
+
+    async def connect(self) -> Any:
+        """The open ``virConnect`` (opened once, reused)."""
+        ...
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread; libvirt errors become ``TransportError``."""
+        ...
+
+
+class Transports(Protocol):
+    """Hands out one shell and one libvirt connection per host, opened on first use."""
+
+    def shell(self, host: str) -> Shell: ...
+
+    def libvirt(self, host: str) -> Libvirt: ...
+
+    async def close(self) -> None: ...
+
+
+# A fixed script: the path is passed as "$1", never spliced into the script text.
+ATOMIC_WRITE_SCRIPT = (
+    'set -e; d=$(dirname -- "$1"); t=$(mktemp -- "$d/.kvmstate.XXXXXX"); '
+    'trap \'rm -f -- "$t"\' EXIT; cat > "$t"; '
+    'if [ -e "$1" ]; then chmod --reference="$1" -- "$t"; chown --reference="$1" -- "$t"; '
+    'else chmod "$2" -- "$t"; fi; sync -- "$t" 2>/dev/null || true; mv -f -- "$t" "$1"; trap - EXIT'
+)
+
+
+async def read_file(shell: Shell, path: str) -> str | None:
+    """A file's text, or None if it does not exist."""
+    res = await shell.run(["cat", "--", path], check=False)
+    if res.ok:
+        return res.stdout
+    if "No such file" in res.stderr:
+        return None
+    res.check()
+    return None
+
+
+async def write_file(shell: Shell, path: str, content: str, mode: str = "0644") -> None:
+    """Write atomically (temp file in the same directory, then rename): never half-written."""
+    await shell.run(["sh", "-c", ATOMIC_WRITE_SCRIPT, "kvmstate-write", path, mode], input=content)
