@@ -6,7 +6,7 @@ them into ``file:line: field: message``. The relation helpers here are shared wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 from kvmstate.spec import Mount, Spec, Subvolume
@@ -92,12 +92,14 @@ def _refs(spec: Spec) -> Iterator[Finding]:
                 )
 
 
-def _unknown(kind: str, value: str, known: dict[str, object]) -> str:
+def _unknown(kind: str, value: str, known: Mapping[str, object]) -> str:
     names = ", ".join(sorted(known)) or "none defined"
     return f"unknown {kind} {value!r} (defined: {names})"
 
 
-def _host_list(loc: tuple[str | int, ...], listed: list[str], hosts: dict[str, object]) -> Iterator[Finding]:
+def _host_list(
+    loc: tuple[str | int, ...], listed: list[str], hosts: Mapping[str, object]
+) -> Iterator[Finding]:
     seen: set[str] = set()
     for i, h in enumerate(listed):
         if h not in hosts:
@@ -136,7 +138,11 @@ def _uniqueness(spec: Spec) -> Iterator[Finding]:
     for name, ex in spec.exports.items():
         other = export_paths.setdefault((ex.host, ex.path), name)
         if other != name:
-            yield ("exports", name, "path"), f"path {ex.path!r} is already exported by {other!r}", "error"
+            yield (
+                ("exports", name, "path"),
+                f"path {ex.path!r} is already exported by {other!r}",
+                "error",
+            )
     users: dict[str, str] = {}
     for name, d in spec.domains.items():
         if d.state == "absent":
@@ -144,7 +150,11 @@ def _uniqueness(spec: Spec) -> Iterator[Finding]:
         mine: set[str] = set()
         for i, disk in enumerate(d.disks):
             if disk.volume in mine:
-                yield ("domains", name, "disks", i, "volume"), "volume used twice by one domain", "error"
+                yield (
+                    ("domains", name, "disks", i, "volume"),
+                    "volume used twice by one domain",
+                    "error",
+                )
             mine.add(disk.volume)
             other = users.setdefault(disk.volume, name)
             if other != name:
@@ -181,7 +191,7 @@ def _placement(spec: Spec) -> Iterator[Finding]:
                         f"{i} ({disk.volume}); add {h!r} to pools.{vol.pool}.hosts",
                         "error",
                     )
-        if d.state != "absent" and spec.volumes:
+        if spec.volumes:
             for i, disk in enumerate(d.disks):
                 vol = spec.volumes.get(disk.volume)
                 if vol is not None and vol.state == "absent":
@@ -222,7 +232,9 @@ def _hazards(spec: Spec) -> Iterator[Finding]:
         for pname, p in spec.pools.items():
             if not any(covering_mount(spec, h, p.path) == name for h in p.hosts):
                 continue
-            qcow = [v for v, vol in spec.volumes.items() if vol.pool == pname and vol.format == "qcow2"]
+            qcow = [
+                v for v, vol in spec.volumes.items() if vol.pool == pname and vol.format == "qcow2"
+            ]
             if qcow:
                 yield (
                     ("mounts", name, "nfs_version"),

@@ -33,7 +33,16 @@ EPILOG = {
         "  kvmstate apply specs/lab-migrated.yaml --auto-approve   # live-migrates the guest\n\n"
         "exit status: 0 converged, 1 error or not converged"
     ),
-    "graph": "examples:\n  kvmstate graph specs/seed.yaml\n  kvmstate graph specs/seed.yaml --format dot | dot -Tsvg > g.svg",
+    "drift": (
+        "examples:\n  kvmstate drift specs/lab.yaml\n"
+        "  */10 * * * * kvmstate drift /etc/kvmstate/cluster.yaml --textfile "
+        "/var/lib/node_exporter/kvmstate.prom\n\n"
+        "exit status: 0 no drift (prints nothing), 2 drift, 1 error (cannot tell)"
+    ),
+    "graph": (
+        "examples:\n  kvmstate graph specs/seed.yaml\n"
+        "  kvmstate graph specs/seed.yaml --format dot | dot -Tsvg > g.svg"
+    ),
 }
 
 
@@ -50,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(
-            name, help=help, description=help, epilog=EPILOG.get(name),
+            name,
+            help=help,
+            description=help,
+            epilog=EPILOG.get(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sp.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
@@ -63,22 +75,47 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = cmd("plan", "show what apply would change")
     pl.add_argument("spec")
-    pl.add_argument("--assume-empty", action="store_true",
-                    help="plan as if nothing existed yet; contacts no host")
+    pl.add_argument(
+        "--assume-empty",
+        action="store_true",
+        help="plan as if nothing existed yet; contacts no host",
+    )
     pl.add_argument("--json", action="store_true", help="machine-readable output")
-    pl.add_argument("--detailed-exitcode", action="store_true",
-                    help="accepted for Terraform users: plan always exits 0/2/1")
+    pl.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="accepted for Terraform users: plan always exits 0/2/1",
+    )
     pl.add_argument("--allow-destroy", action="store_true", help="show deletions as allowed")
 
     ap = cmd("apply", "change the cluster to match the spec")
     ap.add_argument("spec")
     ap.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
-    ap.add_argument("--allow-destroy", action="store_true",
-                    help="allow deleting what the spec marks state: absent")
-    ap.add_argument("--adopt", action="store_true",
-                    help="take over existing domains that kvmstate did not create")
+    ap.add_argument(
+        "--allow-destroy",
+        action="store_true",
+        help="allow deleting what the spec marks state: absent",
+    )
+    ap.add_argument(
+        "--adopt",
+        action="store_true",
+        help="take over existing domains that kvmstate did not create",
+    )
     ap.add_argument("--json", action="store_true", help="events and the report as JSON lines")
     ap.add_argument("--max-rounds", type=int, default=3, help="convergence rounds (default 3)")
+    ap.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another run's lock (default: fail at once)",
+    )
+
+    dr = cmd("drift", "detect drift, for cron: quiet and exit 0 when the cluster matches")
+    dr.add_argument("spec")
+    dr.add_argument("--json", action="store_true", help="one entry per drifted field")
+    dr.add_argument("--textfile", metavar="PATH", help="write Prometheus textfile metrics")
+    dr.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
 
     g = cmd("graph", "print the resource dependency graph")
     g.add_argument("spec")
@@ -122,15 +159,23 @@ def cmd_validate(args: argparse.Namespace, out: Any, err: Any) -> int:
     loaded = _load(args.spec)
     graph = _graph(loaded)
     if args.json:
-        out.print_json(render.to_json({
-            "valid": True, "file": args.spec, "resources": len(graph),
-            "warnings": [str(w) for w in loaded.warnings],
-        }))
+        out.print_json(
+            render.to_json(
+                {
+                    "valid": True,
+                    "file": args.spec,
+                    "resources": len(graph),
+                    "warnings": [str(w) for w in loaded.warnings],
+                }
+            )
+        )
         return EXIT_OK
     render.problems(err, loaded.warnings)
     spec = loaded.spec
-    out.print(f"{args.spec}: valid ({len(spec.hosts)} hosts, {len(graph)} resources"
-              f"{', ' + str(len(loaded.warnings)) + ' warnings' if loaded.warnings else ''})")
+    out.print(
+        f"{args.spec}: valid ({len(spec.hosts)} hosts, {len(graph)} resources"
+        f"{', ' + str(len(loaded.warnings)) + ' warnings' if loaded.warnings else ''})"
+    )
     return EXIT_OK
 
 
@@ -139,8 +184,9 @@ def _engine(loaded: Any, graph: Any, args: argparse.Namespace, events: Any) -> t
     from kvmstate.engine import Engine, EngineConfig
     from kvmstate.resources.base import Options, RunContext
 
-    options = Options(allow_destroy=getattr(args, "allow_destroy", False),
-                      adopt=getattr(args, "adopt", False))
+    options = Options(
+        allow_destroy=getattr(args, "allow_destroy", False), adopt=getattr(args, "adopt", False)
+    )
     if getattr(args, "assume_empty", False):
         transports: Any = _NoTransports()
     else:
@@ -184,7 +230,13 @@ def cmd_plan(args: argparse.Namespace, out: Any, err: Any) -> int:
     if args.json:
         out.print_json(render.to_json(plan.as_dict()))
     else:
-        render.plan(out, plan, title=f"kvmstate plan {args.spec}" + (" (assuming nothing exists)" if args.assume_empty else ""), verbose=args.verbose > 0)
+        render.plan(
+            out,
+            plan,
+            title=f"kvmstate plan {args.spec}"
+            + (" (assuming nothing exists)" if args.assume_empty else ""),
+            verbose=args.verbose > 0,
+        )
     if plan.errors:
         return EXIT_ERROR
     return EXIT_CHANGES if plan.has_changes else EXIT_OK
@@ -194,8 +246,10 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
     loaded = _load(args.spec)
     graph = _graph(loaded)
     if not args.auto_approve and not sys.stdin.isatty():
-        err.print("refusing to ask for confirmation: stdin is not a terminal; pass --auto-approve",
-                  style="red")
+        err.print(
+            "refusing to ask for confirmation: stdin is not a terminal; pass --auto-approve",
+            style="red",
+        )
         return EXIT_ERROR
     if not args.json:
         render.problems(err, loaded.warnings)
@@ -228,13 +282,108 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
         finally:
             printer.close()
             await transports.close()
+        from kvmstate import journal
+
+        journal.record(report, spec_path=args.spec)
         if args.json:
             printer({"event": "report", "report": report.as_dict()})
         else:
             render.report(out, report)
         return EXIT_OK if report.converged else EXIT_ERROR
 
-    return asyncio.run(run())
+    with _lock(loaded, args, exclusive=True):
+        return asyncio.run(run())
+
+
+def _lock(loaded: Any, args: argparse.Namespace, *, exclusive: bool) -> Any:
+    from kvmstate.runlock import cluster_key, local_lock
+
+    key = cluster_key({n: h.address for n, h in loaded.spec.hosts.items()})
+    command = f"kvmstate {args.command} {args.spec}"
+    return local_lock(key, command=command, exclusive=exclusive, timeout=args.lock_timeout)
+
+
+def drift_entries(plan: Any) -> list[dict[str, Any]]:
+    out = []
+    for c in plan.pending:
+        diffs = c.diffs or ()
+        if not diffs:
+            out.append(
+                {
+                    "id": str(c.id),
+                    "kind": c.id.kind,
+                    "host": c.id.host,
+                    "action": c.action.value,
+                    "class": "runtime",
+                    "field": None,
+                    "expected": None,
+                    "observed": None,
+                    "reason": c.reason,
+                }
+            )
+        for d in diffs:
+            out.append(
+                {
+                    "id": str(c.id),
+                    "kind": c.id.kind,
+                    "host": c.id.host,
+                    "action": c.action.value,
+                    "class": d.drift,
+                    "field": d.field,
+                    "expected": d.after,
+                    "observed": d.before,
+                    "reason": c.reason,
+                }
+            )
+    return out
+
+
+def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
+    from kvmstate import metrics
+
+    loaded = _load(args.spec)
+    graph = _graph(loaded)
+
+    async def run() -> Any:
+        engine, transports = _engine(loaded, graph, args, None)
+        try:
+            return await engine.plan()
+        finally:
+            await transports.close()
+
+    with _lock(loaded, args, exclusive=False):
+        plan = asyncio.run(run())
+    ok = not plan.errors
+    if args.textfile:
+        metrics.write_textfile(
+            args.textfile, metrics.render(plan, success=ok, observe_seconds=plan.observe_seconds)
+        )
+    entries = drift_entries(plan)
+    if args.json:
+        sys.stdout.write(
+            render.to_json(
+                {
+                    "drift": entries,
+                    "errors": {str(k): v for k, v in plan.errors.items()},
+                    "converged": ok and not entries,
+                }
+            )
+            + "\n"
+        )
+    else:
+        for e in entries:
+            field = f" {e['field']}:" if e["field"] else ""
+            detail = (
+                f" {render.fmt_value(e['observed'])} -> {render.fmt_value(e['expected'])}"
+                if e["field"]
+                else f" {e['reason']}"
+            )
+            out.print(f"drift ({e['class']}): {e['id']} {e['action']}{field}{detail}", markup=False)
+        for rid, msg in plan.errors.items():
+            err.print(f"error: {rid}: {msg}", markup=False)
+    if not ok:
+        return EXIT_ERROR
+    return EXIT_CHANGES if entries else EXIT_OK
 
 
 def cmd_graph(args: argparse.Namespace, out: Any, err: Any) -> int:
@@ -260,6 +409,7 @@ COMMANDS = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "apply": cmd_apply,
+    "drift": cmd_drift,
     "graph": cmd_graph,
     "schema": cmd_schema,
 }
@@ -284,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as e:
         render.problems(err, e.problems)
         n = len(e.problems)
-        err.print(f"{n} error{'s' if n != 1 else ''} in the spec; nothing was contacted.", style="red")
+        err.print(
+            f"{n} error{'s' if n != 1 else ''} in the spec; nothing was contacted.", style="red"
+        )
         return EXIT_ERROR
     except KvmstateError as e:
         err.print(f"error: {e}", style="red")

@@ -20,7 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvmstate.errors import ConflictError, HostUnreachable, KvmstateError, TemporaryError, TransportError
+from kvmstate.errors import (
+    ConflictError,
+    HostUnreachable,
+    KvmstateError,
+    TemporaryError,
+    TransportError,
+)
 from kvmstate.facts import Fact
 from kvmstate.graph import ResourceGraph
 from kvmstate.ids import ResourceId
@@ -71,7 +77,7 @@ class Engine:
         for attempt in range(1, self.config.retries + 1):
             try:
                 return await fn()
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:
                 if attempt == self.config.retries or not is_temporary(exc):
                     raise
                 wait = exc.delay if isinstance(exc, TemporaryError) else delay
@@ -90,7 +96,11 @@ class Engine:
         return out
 
     def _gate(self, change: Change) -> Change:
-        if change.action is Action.DELETE and not change.blocked and not self.ctx.options.allow_destroy:
+        if (
+            change.action is Action.DELETE
+            and not change.blocked
+            and not self.ctx.options.allow_destroy
+        ):
             return change.with_blocked("deleting needs --allow-destroy")
         return change
 
@@ -99,8 +109,8 @@ class Engine:
         order = self.graph.order()
         started = time.monotonic()
         if assume_empty:
-            changes = [self._gate(self.graph[rid].diff(None)) for rid in order]
-            return Plan(tuple(changes), {}, tuple(order), 0.0)
+            empty = tuple(self._gate(self.graph[rid].diff(None)) for rid in order)
+            return Plan(empty, {}, tuple(order), 0.0)
 
         by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
         for rid in order:
@@ -125,7 +135,7 @@ class Engine:
                 try:
                     observed = await self._retry(str(rid), lambda: r.observe(self.ctx))
                     change = self._gate(r.diff(observed))
-                except Exception as exc:  # noqa: BLE001 - each node catches its own errors
+                except Exception as exc:
                     log.debug("observe %s failed", rid, exc_info=True)
                     errors[rid] = describe(exc)
                     return None
@@ -144,7 +154,7 @@ class Engine:
         final: dict[ResourceId, Outcome] = {}
         current = approved
         rounds = 0
-        for rounds in range(1, self.config.max_rounds + 1):  # noqa: B007 - reported below
+        for rounds in range(1, self.config.max_rounds + 1):
             if rounds > 1:
                 current = await self.plan()
             outcomes = await self._walk(current, allowed, first_round=rounds == 1)
@@ -198,8 +208,13 @@ class Engine:
         for d, o in zip(deps, dep_outcomes, strict=True):
             if o.status in (Status.FAILED, Status.BLOCKED, Status.SKIPPED):
                 cause = o.cause or d
-                return Outcome(rid, Status.SKIPPED, changes.get(rid), cause=cause,
-                               error=f"skipped: {cause} did not converge")
+                return Outcome(
+                    rid,
+                    Status.SKIPPED,
+                    changes.get(rid),
+                    cause=cause,
+                    error=f"skipped: {cause} did not converge",
+                )
         if rid in plan.errors:
             return Outcome(rid, Status.FAILED, error=plan.errors[rid])
         planned = changes.get(rid)
@@ -207,9 +222,17 @@ class Engine:
             return Outcome(rid, Status.OK, planned)
         if planned.blocked:
             return Outcome(rid, Status.BLOCKED, planned, error=planned.blocked)
-        if not first_round and planned.action not in _FOLLOW_UP_ACTIONS and allowed.get(rid) is not planned.action:
-            return Outcome(rid, Status.BLOCKED, planned,
-                           error=f"{planned.action.value} was not in the approved plan; run plan again")
+        if (
+            not first_round
+            and planned.action not in _FOLLOW_UP_ACTIONS
+            and allowed.get(rid) is not planned.action
+        ):
+            return Outcome(
+                rid,
+                Status.BLOCKED,
+                planned,
+                error=f"{planned.action.value} was not in the approved plan; run plan again",
+            )
         r = self.graph[rid]
         started = time.monotonic()
         self.ctx.emit({"event": "apply-start", "id": str(rid), "action": planned.action.value})
@@ -235,8 +258,9 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - each node catches its own errors
             r.log.warning("failed: %s", describe(exc))
             self.ctx.emit({"event": "apply-failed", "id": str(rid), "error": describe(exc)})
-            return Outcome(rid, Status.FAILED, planned, error=describe(exc),
-                           elapsed=time.monotonic() - started)
+            return Outcome(
+                rid, Status.FAILED, planned, error=describe(exc), elapsed=time.monotonic() - started
+            )
         self.ctx.emit({"event": "apply-done", "id": str(rid), "action": planned.action.value})
         return Outcome(rid, Status.CHANGED, change, elapsed=time.monotonic() - started)
 

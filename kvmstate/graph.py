@@ -53,14 +53,13 @@ class ResourceGraph:
         return set(nx.descendants(self.g, rid))
 
     def edges(self) -> Iterator[tuple[ResourceId, ResourceId]]:
-        for u, v in self.g.edges:
-            yield u, v
+        yield from self.g.edges
 
     # --- rendering ---------------------------------------------------------------------------
     def to_dot(self) -> str:
         lines = ["digraph kvmstate {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
         for rid in self.order():
-            style = ', style=dashed, color=red' if self.resources[rid].absent else ""
+            style = ", style=dashed, color=red" if self.resources[rid].absent else ""
             lines.append(f'  "{rid}" [label="{rid}"{style}];')
         for u, v in sorted(self.edges(), key=lambda e: (str(e[0]), str(e[1]))):
             lines.append(f'  "{u}" -> "{v}";')
@@ -110,7 +109,9 @@ def build_graph(
     for rid, r in resources.items():
         for dep in r.depends_on():
             if dep not in resources:
-                problems.append(_problem(path, rid, f"{rid} depends on {dep}, which is not in the spec"))
+                problems.append(
+                    _problem(path, rid, f"{rid} depends on {dep}, which is not in the spec")
+                )
                 continue
             if resources[dep].absent:
                 if not r.absent:
@@ -133,9 +134,7 @@ def build_graph(
         if lines:
             from kvmstate.loader import line_of
 
-            problems = [
-                Problem(p.file, line_of(lines, p.loc), p.loc, p.message) for p in problems
-            ]
+            problems = [Problem(p.file, line_of(lines, p.loc), p.loc, p.message) for p in problems]
         raise SpecError(problems)
     return ResourceGraph(g, resources)
 

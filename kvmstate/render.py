@@ -9,7 +9,14 @@ from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.text import Text
 
 from kvmstate.errors import Problem
@@ -33,7 +40,9 @@ STATUS_STYLE = {
 }
 
 
-def make_console(*, stderr: bool = False, no_color: bool = False, file: IO[str] | None = None) -> Console:
+def make_console(
+    *, stderr: bool = False, no_color: bool = False, file: IO[str] | None = None
+) -> Console:
     no_color = no_color or bool(os.environ.get("NO_COLOR"))
     width = None if (file or (sys.stderr if stderr else sys.stdout)).isatty() else 100
     return Console(
@@ -70,7 +79,12 @@ def _change_lines(c: Change, *, verbose: bool = False) -> list[Text]:
             head.append("  pending restart", style="yellow")
             out.append(head)
             for d in c.pending:
-                out.append(Text(f"      {d.field}: {fmt_value(d.before)} → {fmt_value(d.after)}", style="yellow"))
+                out.append(
+                    Text(
+                        f"      {d.field}: {fmt_value(d.before)} → {fmt_value(d.after)}",
+                        style="yellow",
+                    )
+                )
         elif verbose:
             out.append(Text(f"    {c.id}  ({c.reason or 'no changes'})", style="dim"))
         return out
@@ -103,7 +117,11 @@ def _change_lines(c: Change, *, verbose: bool = False) -> list[Text]:
 
 def plan_summary(plan: Plan) -> str:
     counts = plan.counts()
-    parts = [f"{counts.get(a.value, 0)} to {a.value}" for a in (Action.CREATE, Action.UPDATE, Action.MIGRATE, Action.REPLACE, Action.DELETE) if counts.get(a.value) or a in (Action.CREATE, Action.UPDATE, Action.DELETE)]
+    parts = [
+        f"{counts.get(a.value, 0)} to {a.value}"
+        for a in (Action.CREATE, Action.UPDATE, Action.MIGRATE, Action.REPLACE, Action.DELETE)
+        if counts.get(a.value) or a in (Action.CREATE, Action.UPDATE, Action.DELETE)
+    ]
     pending = sum(1 for c in plan.changes if c.is_noop and c.pending)
     blocked = sum(1 for c in plan.changes if c.blocked)
     text = "Plan: " + ", ".join(parts) + "."
@@ -120,7 +138,9 @@ def plan(console: Console, p: Plan, *, title: str = "", verbose: bool = False) -
     if title:
         console.print(Text(title, style="bold"))
     if not p.has_changes and not p.errors:
-        console.print(Text(f"No changes. {len(p.changes)} resources match the spec.", style="green"))
+        console.print(
+            Text(f"No changes. {len(p.changes)} resources match the spec.", style="green")
+        )
         return
     for c in p.changes:
         for line in _change_lines(c, verbose=verbose):
@@ -147,16 +167,17 @@ def report(console: Console, r: Report) -> None:
     if r.converged:
         console.print(
             Text(
-                f"Apply complete: {len(changed)} changed, {len(r.outcomes) - len(changed)} unchanged "
-                f"in {r.elapsed:.1f}s ({r.rounds} round{'s' if r.rounds != 1 else ''}).",
+                f"Apply complete: {len(changed)} changed, "
+                f"{len(r.outcomes) - len(changed)} unchanged in {r.elapsed:.1f}s "
+                f"({r.rounds} round{'s' if r.rounds != 1 else ''}).",
                 style="green bold",
             )
         )
     else:
         console.print(
             Text(
-                f"Apply failed: {len(failed)} failed, {len(skipped)} skipped, {len(changed)} changed "
-                f"in {r.elapsed:.1f}s.",
+                f"Apply failed: {len(failed)} failed, {len(skipped)} skipped, "
+                f"{len(changed)} changed in {r.elapsed:.1f}s.",
                 style="red bold",
             )
         )

@@ -30,7 +30,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 def parse_size(value: Any) -> int:
-    """``"2GiB"`` -> bytes. Plain integers are bytes. Binary units are the default (``2G`` = 2 GiB)."""
+    """``"2GiB"`` -> bytes. Plain integers are bytes; ``2G`` means 2 GiB."""
     if isinstance(value, bool):
         raise ValueError("a size is a number with a unit, like 2GiB or 512MiB")
     if isinstance(value, int):
@@ -80,7 +80,8 @@ def parse_duration(value: Any) -> float:
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(
-            f"invalid duration {value!r}: use a number with a unit (ms, s, m, h, d), like 300ms or 10m"
+            f"invalid duration {value!r}: use a number with a unit (ms, s, m, h, d), "
+            "like 300ms or 10m"
         )
     return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 

@@ -1,0 +1,148 @@
+"""The plan and report as a person reads them (rendered to a string, no colour)."""
+
+from __future__ import annotations
+
+import io
+
+from kvmstate import render
+from kvmstate.ids import ResourceId
+from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
+
+
+def _console() -> tuple[io.StringIO, render.Console]:
+    buf = io.StringIO()
+    return buf, render.make_console(file=buf, no_color=True)
+
+
+def test_plan_shows_each_action_with_field_diffs_checks_and_summary() -> None:
+    plan = Plan(
+        (
+            Change(
+                ResourceId("subvolume", "images", "storage"),
+                Action.CREATE,
+                (FieldDiff("mountpoint", None, "/srv/images"),),
+            ),
+            Change(
+                ResourceId("mount", "images", "kvm-1"),
+                Action.UPDATE,
+                (
+                    FieldDiff("options", ["vers=3"], ["vers=4"], "config"),
+                    FieldDiff("mounted", False, True, "runtime"),
+                ),
+            ),
+            Change(
+                ResourceId("placement", "web"),
+                Action.MIGRATE,
+                (FieldDiff("host", "kvm-1", "kvm-2", "runtime"),),
+                reason="kvm-1 → kvm-2 (live, 2 GiB)",
+                checks=(
+                    Check("target libvirtd", True, "reachable"),
+                    Check("pool images on kvm-2", False, "inactive"),
+                ),
+            ),
+            Change(
+                ResourceId("volume", "old.qcow2", "kvm-1"),
+                Action.DELETE,
+                (FieldDiff("capacity", "1GiB", None),),
+                blocked="deleting needs --allow-destroy",
+            ),
+            Change(
+                ResourceId("domain", "db"),
+                Action.NOOP,
+                (FieldDiff("memory", "1GiB", "2GiB", "pending-restart"),),
+                "running",
+            ),
+            Change(ResourceId("pool", "images", "kvm-1"), Action.NOOP, (), "active"),
+        )
+    )
+    buf, console = _console()
+    render.plan(console, plan, title="kvmstate plan specs/x.yaml")
+    text = buf.getvalue()
+    assert "+ subvolume:storage:images  create" in text
+    assert "mountpoint: /srv/images" in text
+    assert "~ mount:kvm-1:images  update" in text
+    assert "options: [vers=3] → [vers=4]" in text
+    assert "mounted: false → true  (runtime)" in text
+    assert "→ placement:web  migrate  kvm-1 → kvm-2 (live, 2 GiB)" in text
+    assert "✓ target libvirtd: reachable" in text
+    assert "✗ pool images on kvm-2: inactive" in text
+    assert "- volume:kvm-1:old.qcow2  delete" in text
+    assert "blocked: deleting needs --allow-destroy" in text
+    assert "! domain:db  pending restart" in text
+    assert "memory: 1GiB → 2GiB" in text
+    assert "pool:kvm-1:images" not in text  # unchanged resources are not listed
+    assert (
+        "Plan: 1 to create, 1 to update, 1 to migrate, 1 to delete. 1 pending restart. 1 blocked."
+        in text
+    )
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_no_changes_is_one_line() -> None:
+    plan = Plan((Change(ResourceId("pool", "images", "kvm-1"), Action.NOOP, (), "active"),))
+    buf, console = _console()
+    render.plan(console, plan)
+    assert buf.getvalue().strip() == "No changes. 1 resources match the spec."
+
+
+def test_report_names_root_causes_and_groups_skipped() -> None:
+    a, b, c = (
+        ResourceId("mount", "images", "kvm-1"),
+        ResourceId("pool", "images", "kvm-1"),
+        ResourceId("domain", "web"),
+    )
+    report = Report(
+        (
+            Outcome(a, Status.FAILED, error="kvm-1: `mount /x` exit 32: access denied"),
+            Outcome(b, Status.SKIPPED, cause=a),
+            Outcome(c, Status.SKIPPED, cause=a),
+        ),
+        rounds=1,
+        converged=False,
+        elapsed=1.25,
+    )
+    buf, console = _console()
+    render.report(console, report)
+    text = buf.getvalue()
+    assert "✗ mount:kvm-1:images: kvm-1: `mount /x` exit 32: access denied" in text
+    assert "skipped because of mount:kvm-1:images: pool:kvm-1:images, domain:web" in text
+    assert "Apply failed: 1 failed, 2 skipped, 0 changed in 1.2s." in text
+
+
+def test_event_printer_shows_migration_result_with_downtime() -> None:
+    buf, console = _console()
+    printer = render.EventPrinter(console)
+    printer(
+        {
+            "event": "migration-progress",
+            "domain": "web",
+            "memory_processed": 10 << 20,
+            "memory_remaining": 20 << 20,
+            "iteration": 1,
+            "dirty_rate": 0,
+        }
+    )
+    printer(
+        {
+            "event": "migration-done",
+            "domain": "web",
+            "source": "kvm-1",
+            "target": "kvm-2",
+            "time_elapsed": 2300,
+            "downtime": 120,
+        }
+    )
+    printer.close()
+    assert "→ web: migrated kvm-1 → kvm-2, in 2.30s, downtime 120 ms" in buf.getvalue()
+
+
+def test_event_printer_json_mode_writes_one_object_per_line() -> None:
+    buf, console = _console()
+    out = io.StringIO()
+    printer = render.EventPrinter(console, json_out=out)
+    printer({"event": "apply-start", "id": "pool:kvm-1:images", "action": "create"})
+    printer({"event": "apply-done", "id": "pool:kvm-1:images", "action": "create"})
+    lines = out.getvalue().splitlines()
+    assert [line.count("\n") for line in lines] == [0, 0]
+    assert '"event": "apply-done"' in lines[1]
+    assert buf.getvalue() == ""
