@@ -62,4 +62,3 @@ class FactCache:
 
     def invalidate(self) -> None:
         self._results.clear()
-

@@ -32,7 +32,12 @@ class FieldDiff:
     drift: DriftClass = "config"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"field": self.field, "before": self.before, "after": self.after, "class": self.drift}
+        return {
+            "field": self.field,
+            "before": self.before,
+            "after": self.after,
+            "class": self.drift,
+        }
 
 
 @dataclass(frozen=True)

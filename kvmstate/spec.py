@@ -176,7 +176,9 @@ class SSHOverrides(Model):
     verify_host_key: bool | None = Field(
         default=None, description="verify the host key against known_hosts (default true)"
     )
-    config: AbsPath | None = Field(default=None, description="ssh_config file (default ~/.ssh/config)")
+    config: AbsPath | None = Field(
+        default=None, description="ssh_config file (default ~/.ssh/config)"
+    )
     connect_timeout: Duration | None = None
     keepalive_interval: Duration | None = None
     sudo: bool | None = Field(default=None, description="run commands with sudo -n (non-root user)")
@@ -344,9 +346,13 @@ class DowntimeStep(Model):
 class MigrationPolicy(Model):
     """How a domain is live-migrated when its placement changes. Unset fields inherit."""
 
-    live: bool | None = Field(default=None, description="live-migrate a running domain (default true)")
+    live: bool | None = Field(
+        default=None, description="live-migrate a running domain (default true)"
+    )
     max_downtime: Duration | None = None
-    bandwidth: Size | None = Field(default=None, description="bandwidth limit per second, e.g. 100MiB")
+    bandwidth: Size | None = Field(
+        default=None, description="bandwidth limit per second, e.g. 100MiB"
+    )
     auto_converge: bool | None = None
     postcopy: Duration | None = Field(
         default=None, description="switch to post-copy after this long without convergence"

@@ -140,4 +140,3 @@ class Resource(ABC, Generic[ObsT]):
 
     def noop(self, reason: str, diffs: Iterable[FieldDiff] = ()) -> Change:
         return Change(self.id, Action.NOOP, tuple(diffs), reason)
-

@@ -133,13 +133,15 @@ def run(coro: Any) -> Any:
 
 
 def chain_world() -> World:
-    return World({
-        "a": ToyNode(),
-        "b": ToyNode(deps=("a",)),
-        "c": ToyNode(deps=("b",)),
-        "d": ToyNode(deps=("a",)),
-        "x": ToyNode(host="h2"),
-    })
+    return World(
+        {
+            "a": ToyNode(),
+            "b": ToyNode(deps=("a",)),
+            "c": ToyNode(deps=("b",)),
+            "d": ToyNode(deps=("a",)),
+            "x": ToyNode(host="h2"),
+        }
+    )
 
 
 def test_apply_converges_and_is_idempotent() -> None:
