@@ -394,14 +394,9 @@ def cmd_graph(args: argparse.Namespace, out: Any, err: Any) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, out: Any, err: Any) -> int:
-    import json
+    from kvmstate.docgen import json_schema
 
-    from kvmstate.spec import Spec
-
-    schema = Spec.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "kvmstate spec"
-    sys.stdout.write(json.dumps(schema, indent=2) + "\n")
+    sys.stdout.write(json_schema())
     return EXIT_OK
 
 
