@@ -92,9 +92,10 @@ def spec_reference() -> str:
         "# Spec reference",
         "",
         "Generated from the pydantic models by `python -m kvmstate.docgen`; do not edit by hand.",
-        "Sizes are bytes or a number with a unit (`512MiB`, `2GiB`); durations are seconds or a",
-        "number with a unit (`300ms`, `30s`, `10m`). Names are 1-63 letters, digits, `.`, `_`, `-`.",
-        "Paths are absolute, without `..`, spaces or shell metacharacters. Unknown fields are errors.",
+        "Sizes are bytes or a number with a unit (`512MiB`, `2GiB`); durations are seconds",
+        "or a number with a unit (`300ms`, `30s`, `10m`). Names are 1-63 letters, digits,",
+        "`.`, `_`, `-`. Paths are absolute, without `..`, spaces or shell metacharacters.",
+        "Unknown fields are errors.",
         "",
     ]
     for where, model, text in SECTIONS:
