@@ -122,11 +122,11 @@ def _uniqueness(spec: Spec) -> Iterator[Finding]:
     for name, sv in spec.subvolumes.items():
         yield from claim((sv.host, sv.mountpoint), ("subvolumes", name, "mountpoint"), "mountpoint")
     for name, m in spec.mounts.items():
-        for h in m.hosts:
+        for h in dict.fromkeys(m.hosts):
             yield from claim((h, m.mountpoint), ("mounts", name, "mountpoint"), "mountpoint")
     pool_paths: dict[tuple[str, str], str] = {}
     for name, p in spec.pools.items():
-        for h in p.hosts:
+        for h in dict.fromkeys(p.hosts):
             other = pool_paths.setdefault((h, p.path), name)
             if other != name:
                 yield (
@@ -143,6 +143,18 @@ def _uniqueness(spec: Spec) -> Iterator[Finding]:
                 f"path {ex.path!r} is already exported by {other!r}",
                 "error",
             )
+    macs: dict[str, str] = {}
+    for name, d in spec.domains.items():
+        for i, nic in enumerate(d.interfaces):
+            if nic.mac is None:
+                continue
+            other = macs.setdefault(nic.mac.lower(), f"domains.{name}.interfaces.{i}")
+            if other != f"domains.{name}.interfaces.{i}":
+                yield (
+                    ("domains", name, "interfaces", i, "mac"),
+                    f"MAC address {nic.mac} is already used by {other}",
+                    "error",
+                )
     users: dict[str, str] = {}
     for name, d in spec.domains.items():
         if d.state == "absent":

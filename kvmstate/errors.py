@@ -10,6 +10,11 @@ class KvmstateError(Exception):
     """Base of every error kvmstate raises on purpose."""
 
 
+def printable(text: str) -> str:
+    """Escape control characters so one problem is always one line of output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One finding about a spec: where it is and what is wrong."""
@@ -22,13 +27,13 @@ class Problem:
 
     @property
     def field(self) -> str:
-        return ".".join(str(p) for p in self.loc)
+        return printable(".".join(str(p) for p in self.loc))
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
+        where = f"{printable(self.file)}:{self.line}" if self.line else printable(self.file)
         field = f" {self.field}:" if self.loc else ""
         prefix = "warning: " if self.severity == "warning" else ""
-        return f"{where}:{field} {prefix}{self.message}"
+        return f"{where}:{field} {prefix}{printable(self.message)}"
 
 
 class SpecError(KvmstateError, ValueError):

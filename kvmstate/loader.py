@@ -46,14 +46,44 @@ class _YamlProblem(Exception):
         self.message = message
 
 
+MAX_NODES = 100_000  # a spec for hundreds of hosts is far below; an alias bomb is far above
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def _compose(text: str, lines: dict[Loc, int]) -> Any:
-    """Parse YAML keeping the line of every key; duplicate keys are errors, not overwrites."""
+    """Parse YAML keeping the line of every key; duplicate keys are errors, not overwrites.
+
+    Aliases are expanded with a budget (an 'alias bomb' is refused, a recursive alias too) and
+    explicit tags on mappings and sequences are refused, not silently dropped.
+    """
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is None:
         return None
     constructor = yaml.SafeLoader("")
+    budget = [MAX_NODES]
+    active: set[int] = set()
 
     def build(n: yaml.Node, loc: Loc) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _YamlProblem(
+                n.start_mark.line + 1,
+                loc,
+                f"the spec expands to more than {MAX_NODES} values (YAML aliases?)",
+            )
+        if isinstance(n, yaml.MappingNode | yaml.SequenceNode):
+            if n.tag not in _PLAIN_TAGS:
+                raise _YamlProblem(n.start_mark.line + 1, loc, f"YAML tag {n.tag!r} is not allowed")
+            if id(n) in active:
+                raise _YamlProblem(n.start_mark.line + 1, loc, "recursive YAML alias")
+            active.add(id(n))
+            try:
+                return build_collection(n, loc)
+            finally:
+                active.discard(id(n))
+        return constructor.construct_object(n, deep=True)
+
+    def build_collection(n: yaml.Node, loc: Loc) -> Any:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
@@ -82,7 +112,7 @@ def _compose(text: str, lines: dict[Loc, int]) -> Any:
                 lines[(*loc, i)] = item.start_mark.line + 1
                 items.append(build(item, (*loc, i)))
             return items
-        return constructor.construct_object(n, deep=True)
+        raise AssertionError(n)
 
     lines[()] = node.start_mark.line + 1
     return build(node, ())
@@ -149,13 +179,32 @@ def _message(err: Any) -> str:
     return msg
 
 
+def _user_loc(raw: tuple[str | int, ...], data: Any) -> Loc:
+    """pydantic puts markers such as ``function-after[...]`` or ``[key]`` in error locations;
+    keep only the parts that name something in the user's data (plus a final missing or
+    unknown field)."""
+    out: list[str | int] = []
+    cur = data
+    for i, part in enumerate(raw):
+        in_dict = isinstance(cur, dict) and part in cur
+        in_list = isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        if in_dict or in_list:
+            out.append(part)
+            cur = cur[part]
+        elif i == len(raw) - 1 and isinstance(part, str) and isinstance(cur, dict | None):
+            if part != "[key]":
+                out.append(part)
+        elif isinstance(part, int):
+            out.append(part)
+    return tuple(out)
+
+
 def problems_from_validation(
-    exc: ValidationError, path: str, lines: dict[Loc, int]
+    exc: ValidationError, path: str, lines: dict[Loc, int], data: Any = None
 ) -> list[Problem]:
     out = []
     for err in exc.errors():
-        # pydantic adds the validator name ("function-after[...]") to some locs; drop those.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        loc = _user_loc(tuple(err["loc"]), data)
         out.append(Problem(path, line_of(lines, loc), loc, _message(err)))
     return out
 
@@ -169,12 +218,18 @@ def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
         data = _compose(text, lines)
     except _YamlProblem as e:
         raise SpecError([Problem(path, e.line, e.loc, e.message)]) from None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        char = chr(e.character) if isinstance(e.character, int) else str(e.character)
+        raise SpecError(
+            [Problem(path, line, (), f"YAML error: character {char!r} is not allowed in a spec")]
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
+        mline = mark.line + 1 if mark else None
         what = e.problem or str(e)
         ctx = f" ({e.context})" if e.context else ""
-        raise SpecError([Problem(path, line, (), f"YAML syntax error: {what}{ctx}")]) from None
+        raise SpecError([Problem(path, mline, (), f"YAML syntax error: {what}{ctx}")]) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(path, None, (), f"YAML error: {e}")]) from None
     if data is None:
@@ -184,7 +239,7 @@ def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(problems_from_validation(e, path, lines)) from None
+        raise SpecError(problems_from_validation(e, path, lines, data)) from None
     found = [
         Problem(path, line_of(lines, loc), loc, msg, severity)
         for loc, msg, severity in check_spec(spec)

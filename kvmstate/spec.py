@@ -12,7 +12,15 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from kvmstate.units import Duration, Size
 
@@ -34,7 +42,7 @@ _DEVICE_TAG_RE = re.compile(r"^(LABEL|UUID|PARTUUID|PARTLABEL)=[A-Za-z0-9_.:-]{1
 
 
 def _check_name(value: str) -> str:
-    if not _NAME_RE.match(value) or ".." in value:
+    if not _NAME_RE.fullmatch(value) or ".." in value:
         raise ValueError(
             f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
@@ -45,8 +53,10 @@ def _check_name(value: str) -> str:
 def _check_path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"path {value!r} must be absolute")
-    if not _PATH_RE.match(value):
-        bad = sorted({c for c in value if not re.match(r"[A-Za-z0-9._/+@:=,-]", c)})
+    if value == "/":
+        raise ValueError("path '/' is not allowed here: name a directory below it")
+    if not _PATH_RE.fullmatch(value):
+        bad = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9._/+@:=,-]", c)})
         raise ValueError(f"path {value!r} contains characters kvmstate does not accept: {bad!r}")
     parts = value.split("/")
     if any(p in (".", "..") for p in parts):
@@ -61,7 +71,7 @@ def _check_path(value: str) -> str:
 
 
 def _check_option(value: str) -> str:
-    if not _OPTION_RE.match(value) or len(value) > 256:
+    if not _OPTION_RE.fullmatch(value) or len(value) > 256:
         raise ValueError(
             f"invalid option {value!r}: one option per list item; letters, digits and _.=:/+@- "
             "only, not starting with '-'"
@@ -70,36 +80,45 @@ def _check_option(value: str) -> str:
 
 
 def _check_user(value: str) -> str:
-    if not _USER_RE.match(value):
+    if not _USER_RE.fullmatch(value):
         raise ValueError(f"invalid user or group name {value!r}")
     return value
 
 
 def _check_address(value: str) -> str:
+    if "%" in value:
+        raise ValueError(f"invalid address {value!r}: IPv6 scope ids are not supported")
     try:
         ipaddress.ip_address(value)
         return value
     except ValueError:
         pass
-    if not _HOSTNAME_RE.match(value):
+    if re.fullmatch(r"[0-9.]+", value):
+        raise ValueError(f"invalid address {value!r}: not a valid IPv4 address")
+    if not _HOSTNAME_RE.fullmatch(value):
         raise ValueError(f"invalid address {value!r}: expected an IP address or a DNS name")
     return value
 
 
 def _check_device(value: str) -> str:
-    if _DEVICE_TAG_RE.match(value):
+    if _DEVICE_TAG_RE.fullmatch(value):
         return value
+    if "=" in value and not value.startswith("/"):
+        raise ValueError(
+            f"invalid device tag {value!r}: use LABEL=, UUID=, PARTUUID= or PARTLABEL= followed "
+            "by letters, digits and _.:-"
+        )
     return _check_path(value)
 
 
 def _check_ifname(value: str) -> str:
-    if not _IFNAME_RE.match(value):
+    if not _IFNAME_RE.fullmatch(value):
         raise ValueError(f"invalid interface name {value!r} (1-15 letters, digits, '_.-')")
     return value
 
 
 def _check_package(value: str) -> str:
-    if not _PACKAGE_RE.match(value):
+    if not _PACKAGE_RE.fullmatch(value):
         raise ValueError(f"invalid Debian package name {value!r}")
     return value
 
@@ -107,6 +126,10 @@ def _check_package(value: str) -> str:
 def _check_network(value: str) -> str:
     if value == "*":
         return value
+    if "%" in value:
+        raise ValueError(f"invalid network {value!r}: IPv6 scope ids are not supported")
+    if re.fullmatch(r"[0-9.]+", value):
+        raise ValueError(f"invalid client {value!r}: not a valid IPv4 address")
     try:
         if "/" in value:
             ipaddress.ip_network(value, strict=True)
@@ -116,7 +139,7 @@ def _check_network(value: str) -> str:
     except ValueError as e:
         if "/" in value:
             raise ValueError(f"invalid network {value!r}: {e}") from None
-    if not _HOSTNAME_RE.match(value):
+    if not _HOSTNAME_RE.fullmatch(value):
         raise ValueError(
             f"invalid client {value!r}: expected a CIDR network, an IP address, a host name or '*'"
         )
@@ -128,6 +151,9 @@ def _check_cmdline(value: str) -> str:
         raise ValueError("kernel command line must not contain control characters or newlines")
     if len(value) > 2048:
         raise ValueError("kernel command line is longer than 2048 characters")
+    bad = sorted(set(value) & set("$`;&|<>\\'(){}!*?[]#~"))
+    if bad:
+        raise ValueError(f"kernel command line contains characters kvmstate refuses: {bad!r}")
     return value
 
 
@@ -136,6 +162,27 @@ def _to_str(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     return str(value) if isinstance(value, int | float) else value
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML reads yes/no/true/false as booleans, which pydantic would turn into 1 and 0.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()!r}")
+    return value
+
+
+def _mode_str(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f'quote the file mode, like mode: "0644" (YAML read it as the number {value})'
+        )
+    return value
+
+
+def _check_mac(value: str) -> str:
+    if int(value[:2], 16) & 1:
+        raise ValueError(f"MAC address {value!r} is a multicast address")
+    return value
 
 
 def _str_or_list(value: Any) -> Any:
@@ -152,6 +199,7 @@ IfName = Annotated[str, AfterValidator(_check_ifname)]
 Package = Annotated[str, AfterValidator(_check_package)]
 Network = Annotated[str, AfterValidator(_check_network)]
 Cmdline = Annotated[str, AfterValidator(_check_cmdline)]
+Int = Annotated[int, BeforeValidator(_no_bool)]
 State = Literal["present", "absent"]
 
 
@@ -166,10 +214,20 @@ class SSHOverrides(Model):
     """SSH settings of one host; anything unset comes from the top-level ``ssh:``."""
 
     user: UnixName | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    identity: Annotated[list[AbsPath] | None, BeforeValidator(_str_or_list)] = Field(
-        default=None, description="private key file(s); default: ssh-agent and ~/.ssh/id_*"
-    )
+    port: Int | None = Field(default=None, ge=1, le=65535)
+    identity: Annotated[
+        list[AbsPath] | None,
+        BeforeValidator(_str_or_list),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(default=None, description="private key file(s); default: ssh-agent and ~/.ssh/id_*")
     known_hosts: AbsPath | None = Field(
         default=None, description="known_hosts file; default ~/.ssh/known_hosts"
     )
@@ -186,7 +244,7 @@ class SSHOverrides(Model):
 
 class SSHDefaults(SSHOverrides):
     user: UnixName | None = "root"
-    port: int | None = Field(default=22, ge=1, le=65535)
+    port: Int | None = Field(default=22, ge=1, le=65535)
     verify_host_key: bool | None = True
     connect_timeout: Duration | None = 10.0
     keepalive_interval: Duration | None = 60.0
@@ -211,8 +269,8 @@ class SSHSettings(Model):
 
 
 class MigrationLimits(Model):
-    outgoing: int = Field(default=1, ge=1, le=16)
-    incoming: int = Field(default=2, ge=1, le=16)
+    outgoing: Int = Field(default=1, ge=1, le=16)
+    incoming: Int = Field(default=2, ge=1, le=16)
 
 
 class Host(Model):
@@ -275,10 +333,10 @@ class Pool(Model):
 class Volume(Model):
     pool: Name
     format: Literal["qcow2", "raw"] = "qcow2"
-    capacity: Size
+    capacity: Annotated[Size, Field(gt=0)]
     owner: UnixName | None = None
     group: UnixName | None = None
-    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
+    mode: Annotated[str, BeforeValidator(_mode_str), Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
     state: State = "present"
     force_destroy: bool = False
 
@@ -312,7 +370,7 @@ class Interface(Model):
     bridge: IfName | None = None
     network: Name | None = None
     model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
-    mac: Annotated[str, Field(pattern=_MAC_RE.pattern)] | None = None
+    mac: Annotated[str, Field(pattern=_MAC_RE.pattern), AfterValidator(_check_mac)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> Interface:
@@ -357,7 +415,7 @@ class MigrationPolicy(Model):
     postcopy: Duration | None = Field(
         default=None, description="switch to post-copy after this long without convergence"
     )
-    parallel_connections: int | None = Field(default=None, ge=1, le=32)
+    parallel_connections: Int | None = Field(default=None, ge=1, le=32)
     compressed: bool | None = None
     timeout: Duration | None = None
     on_timeout: Literal["abort", "postcopy"] | None = None
@@ -384,8 +442,8 @@ class Placement(Model):
 
 class Domain(Model):
     type: Literal["kvm", "qemu"] = "kvm"
-    memory: Size
-    vcpus: int = Field(default=1, ge=1, le=512)
+    memory: Annotated[Size, Field(gt=0)]
+    vcpus: Int = Field(default=1, ge=1, le=512)
     boot: Boot | None = None
     disks: list[Disk] = Field(default_factory=list)
     interfaces: list[Interface] = Field(default_factory=list)
@@ -407,7 +465,9 @@ class Domain(Model):
 
 
 class Spec(Model):
-    version: Literal[1] = Field(description="spec format version")
+    version: Annotated[Literal[1], BeforeValidator(_no_bool)] = Field(
+        description="spec format version"
+    )
     ssh: SSHDefaults = Field(default_factory=SSHDefaults)
     migration: MigrationPolicy = Field(default_factory=MigrationPolicy)
     hosts: dict[Name, Host] = Field(min_length=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -42,9 +44,11 @@ def parse_size(value: Any) -> int:
     m = _SIZE_RE.match(value)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"invalid size {value!r}: use a number with a unit, like 2GiB or 512MiB")
-    number = float(m.group(1))
-    result = number * _SIZE_UNITS[m.group(2).lower()]
-    if result != int(result):
+    try:
+        result = Decimal(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    except InvalidOperation:
+        raise ValueError(f"invalid size {value!r}") from None
+    if result != result.to_integral_value():
         raise ValueError(f"invalid size {value!r}: not a whole number of bytes")
     return int(result)
 
@@ -71,6 +75,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number with a unit, like 300ms, 30s or 10m")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -96,7 +102,8 @@ def format_duration(seconds: float) -> str:
         if s and s % 60 == 0:
             return f"{s // 60}m"
         return f"{s}s"
-    return f"{seconds:g}s"
+    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
+    return f"{text}s"
 
 
 Size = Annotated[
