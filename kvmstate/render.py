@@ -67,7 +67,7 @@ def fmt_value(value: Any) -> str:
 def problems(console: Console, found: Iterable[Problem]) -> None:
     for p in found:
         style = "yellow" if p.severity == "warning" else "red"
-        console.print(Text(str(p), style=style))
+        console.print(Text(str(p), style=style), soft_wrap=True)
 
 
 def _change_lines(c: Change, *, verbose: bool = False) -> list[Text]:

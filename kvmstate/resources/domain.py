@@ -1,0 +1,249 @@
+"""A libvirt domain: defined from the typed spec, started/stopped to ``state``, autostart.
+
+The domain is looked for on every host it may be on (its allowed hosts and the hosts of its
+disks' pools); its config is managed wherever it is defined (moving it is the placement's job).
+Defined on two hosts at once is an error and nothing is started. Persistent config changes
+are applied by redefining; memory/vCPU changes are then tried live (``setMemoryFlags`` /
+``setVcpusFlags`` with AFFECT_LIVE) and whatever libvirt refuses stays "pending restart" (NOOP
+with pending diffs): a guest is never restarted behind the operator's back. ``state:
+shut-off`` destroys the guest (no graceful ACPI shutdown: the lab's TCG busybox guest does not
+answer it; documented limitation). A domain without kvmstate's ``<metadata>`` marker is only
+adopted with ``--adopt``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+from kvmstate import virt
+from kvmstate.errors import KvmstateError, RefusedError
+from kvmstate.ids import ResourceId
+from kvmstate.model import Action, Change, DriftClass, FieldDiff
+from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.common import diff
+from kvmstate.spec import Domain, Spec
+from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
+
+
+@dataclass(frozen=True)
+class DomainObs:
+    host: str
+    config: DomainConfig
+    live: DomainConfig | None
+    state: str
+    autostart: bool
+    adopt: bool = False  # the run allows adopting an unmarked domain (from ctx.options)
+
+
+def domain_hosts(spec: Spec, name: str) -> list[str]:
+    d = spec.domains[name]
+    hosts = list(d.allowed_hosts())
+    for disk in d.disks:
+        vol = spec.volumes.get(disk.volume)
+        if vol is not None:
+            hosts += spec.pools[vol.pool].hosts
+    return list(dict.fromkeys(hosts))
+
+
+async def locate(ctx: RunContext, name: str, hosts: Iterable[str]) -> dict[str, virt.DomainState]:
+    """Where the domain is defined: {host: state}. Every host must answer."""
+    hosts = list(hosts)
+
+    async def one(h: str) -> virt.DomainState | None:
+        lv = ctx.libvirt(h)
+        return await lv.run(virt.observe_domain, await lv.connect(), name)
+
+    found = await asyncio.gather(*(one(h) for h in hosts))
+    return {h: st for h, st in zip(hosts, found, strict=True) if st is not None}
+
+
+def disk_sources(spec: Spec, d: Domain) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for disk in d.disks:
+        vol = spec.volumes[disk.volume]
+        out.append((f"{spec.pools[vol.pool].path}/{disk.volume}", vol.format))
+    return out
+
+
+_COMPARED = ("type", "memory_kib", "vcpus", "disks", "nics")
+
+
+def config_diffs(
+    want: DomainConfig, have: DomainConfig, d: Domain, drift: DriftClass
+) -> list[FieldDiff]:
+    names = list(_COMPARED)
+    if drift == "pending-restart":  # the live guest: compare the balloon, not the maximum
+        names[names.index("memory_kib")] = "current_kib"
+    if d.boot is not None:
+        names += ["kernel", "initrd", "cmdline"] + (["firmware"] if d.boot.firmware else [])
+    if d.serial is not None:
+        names.append("serial")
+    out = []
+    for f in names:
+        w, h = getattr(want, f), getattr(have, f)
+        if f == "nics":  # compare a MAC only where the spec sets one
+            h = (
+                tuple(
+                    n if wn.mac else type(n)(n.kind, n.source, n.model, None)
+                    for n, wn in zip(h, w, strict=False)
+                )
+                + h[len(w) :]
+            )
+        if w != h:
+            out.append(diff(f, _plain(h), _plain(w), drift))
+    return out
+
+
+def _plain(v: object) -> object:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if hasattr(v, "__dataclass_fields__"):
+        return {f.name: getattr(v, f.name) for f in fields(v)}  # type: ignore[arg-type]
+    return v
+
+
+class DomainResource(Resource[DomainObs]):
+    kind = "domain"
+
+    def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
+        super().__init__(spec, name, None)
+        self.d: Domain = spec.domains[name]
+        self.want = desired_config(self.d, disk_sources(spec, self.d))
+
+    @classmethod
+    def expand(cls, spec: Spec) -> Iterable[DomainResource]:
+        return [cls(spec, n) for n in spec.domains]
+
+    @property
+    def absent(self) -> bool:
+        return self.d.state == "absent"
+
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(domain_hosts(self.spec, self.name))
+
+    def depends_on(self) -> frozenset[ResourceId]:
+        deps = set()
+        for disk in self.d.disks:
+            vol = self.spec.volumes[disk.volume]
+            deps.add(ResourceId("volume", disk.volume, self.spec.pools[vol.pool].hosts[0]))
+            if self.d.host in self.spec.pools[vol.pool].hosts:
+                deps.add(ResourceId("pool", vol.pool, self.d.host))
+        return frozenset(deps)
+
+    async def observe(self, ctx: RunContext) -> DomainObs | None:
+        found = await locate(ctx, self.name, self.hosts())
+        if len(found) > 1:
+            raise KvmstateError(
+                f"domain {self.name} is defined on {len(found)} hosts "
+                f"({', '.join(sorted(found))}); "
+                "undefine all but one by hand: kvmstate starts nothing until then"
+            )
+        if not found:
+            return None
+        h, st = next(iter(found.items()))
+        return DomainObs(h, st.config, st.live, st.state, st.autostart, ctx.options.adopt)
+
+    def diff(self, observed: DomainObs | None) -> Change:
+        d = self.d
+        if self.absent:
+            if observed is None:
+                return self.noop(f"domain {self.name} is not defined")
+            ch = self.change(Action.DELETE, [diff("defined", observed.host, None)], "state: absent")
+            return (
+                ch
+                if observed.config.managed or observed.adopt
+                else ch.with_blocked(
+                    f"domain {self.name} on {observed.host} was not created by kvmstate; "
+                    "pass --adopt to manage (and delete) it"
+                )
+            )
+        if observed is None:
+            return self.change(
+                Action.CREATE,
+                [diff("defined", None, d.host), diff("state", None, d.state, "runtime")],
+                f"{d.type} domain, {d.vcpus} vCPU, {self.want.memory_kib // 1024} MiB on {d.host}",
+            )
+        o = observed
+        diffs = config_diffs(self.want, o.config, d, "config")
+        if not o.config.managed:
+            diffs.append(diff("managed", False, True))
+        if o.autostart != d.autostart:
+            diffs.append(diff("autostart", o.autostart, d.autostart))
+        if (o.state == "running") != (d.state == "running"):
+            diffs.append(diff("state", o.state, d.state, "runtime"))
+        elif o.live is not None and d.state == "running" and not diffs:
+            pending = config_diffs(self.want, o.live, d, "pending-restart")
+            # the balloon can be set back live (up to the live maximum): runtime drift
+            live_fix = [
+                diff(x.field, x.before, x.after, "runtime")
+                for x in pending
+                if x.field == "current_kib" and self.want.memory_kib <= o.live.memory_kib
+            ]
+            pending = [x for x in pending if not live_fix or x.field != "current_kib"]
+            if live_fix:
+                diffs += live_fix + pending
+            elif pending:
+                return self.noop(
+                    f"domain {self.name} {o.state} on {o.host}; persistent config applied, "
+                    "live guest pending restart",
+                    pending,
+                )
+        if not diffs:
+            return self.noop(f"domain {self.name} {o.state} on {o.host}")
+        ch = self.change(Action.UPDATE, diffs, f"domain {self.name} on {o.host}")
+        if not o.config.managed and not o.adopt:
+            return ch.with_blocked(
+                f"domain {self.name} on {o.host} exists but was not created by kvmstate "
+                "(no ownership marker); pass --adopt to manage it"
+            )
+        return ch
+
+    async def apply(self, change: Change, ctx: RunContext) -> DomainObs | None:
+        if change.blocked:
+            raise RefusedError(change.blocked)
+        cur = await self.observe(ctx)
+        host = cur.host if cur else self.d.host
+        lv = ctx.libvirt(host)
+        conn = await lv.connect()
+        if self.absent:
+            if cur is not None:
+                self.log.info("%s: destroying and undefining domain %s", host, self.name)
+                await lv.run(virt.undefine_domain, conn, self.name)
+            return await self.observe(ctx)
+        fixes = config_diffs(self.want, cur.config, self.d, "config") if cur else [None]
+        if cur is None or fixes or not cur.config.managed:
+            self.log.info("%s: defining domain %s", host, self.name)
+            await lv.run(virt.define_domain, conn, build_domain_xml(self.name, self.want))
+        if cur is None or cur.autostart != self.d.autostart:
+            self.log.info("%s: domain %s autostart=%s", host, self.name, self.d.autostart)
+            await lv.run(virt.set_domain_autostart, conn, self.name, self.d.autostart)
+        running = cur is not None and cur.state == "running"
+        if self.d.state == "running" and not running:
+            self.log.info("%s: starting domain %s", host, self.name)
+            await lv.run(virt.start_domain, conn, self.name)
+        elif self.d.state == "shut-off" and cur is not None and cur.state != "shut-off":
+            self.log.info("%s: destroying (powering off) domain %s", host, self.name)
+            await lv.run(virt.destroy_domain, conn, self.name)
+        elif running and cur is not None and cur.live is not None:
+            await self._live_resize(ctx, host, cur.live)
+        return await self.observe(ctx)
+
+    async def _live_resize(self, ctx: RunContext, host: str, live: DomainConfig) -> None:
+        lv = ctx.libvirt(host)
+        conn = await lv.connect()
+        if live.current_kib != self.want.memory_kib and self.want.memory_kib <= live.memory_kib:
+            try:
+                self.log.info(
+                    "%s: live memory of %s -> %d KiB", host, self.name, self.want.memory_kib
+                )
+                await lv.run(virt.set_live_memory, conn, self.name, self.want.memory_kib)
+            except KvmstateError as e:
+                self.log.warning("%s: live memory change refused: %s (pending restart)", host, e)
+        if live.vcpus != self.want.vcpus:
+            try:
+                self.log.info("%s: live vCPUs of %s -> %d", host, self.name, self.want.vcpus)
+                await lv.run(virt.set_live_vcpus, conn, self.name, self.want.vcpus)
+            except KvmstateError as e:
+                self.log.warning("%s: live vCPU change refused: %s (pending restart)", host, e)

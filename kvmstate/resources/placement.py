@@ -1,0 +1,312 @@
+"""Where a domain runs. A different host in the spec is a MIGRATE change with pre-flight checks.
+
+Policies: ``pinned`` (always on ``host``), ``preferred`` (move back to ``host`` when the checks
+pass; otherwise stay, NOOP with the reason), ``floating`` (any allowed host is fine). A host
+with ``drain: true`` is never a target. A running domain is live-migrated with ``migrate3``
+(LIVE|PERSIST_DEST|UNDEFINE_SOURCE|ABORT_ON_ERROR + the policy), its progress polled from
+``jobStats`` and emitted as ``migration-progress`` events; a timeout or a cancellation (Ctrl-C)
+aborts the job and leaves the guest running on the source. A shut-off domain is moved by
+defining it on the target first, then undefining it on the source (undone on failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvmstate import hostfacts, virt
+from kvmstate.checks import covering_mount
+from kvmstate.errors import KvmstateError, RefusedError
+from kvmstate.ids import ResourceId
+from kvmstate.model import Action, Change, Check
+from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.common import diff
+from kvmstate.resources.domain import domain_hosts, locate
+from kvmstate.spec import Domain, MigrationPolicy, Spec
+
+
+@dataclass(frozen=True)
+class PlacementObs:
+    host: str
+    state: str
+    target: str
+    checks: tuple[Check, ...] = ()
+
+
+class PlacementResource(Resource[PlacementObs]):
+    kind = "placement"
+    poll_interval = 0.5
+
+    def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
+        super().__init__(spec, name, None)
+        self.d: Domain = spec.domains[name]
+        self.policy: MigrationPolicy = spec.migration_for(name)
+
+    @classmethod
+    def expand(cls, spec: Spec) -> Iterable[PlacementResource]:
+        return [cls(spec, n) for n, d in spec.domains.items() if d.state != "absent"]
+
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(domain_hosts(self.spec, self.name))
+
+    def depends_on(self) -> frozenset[ResourceId]:
+        deps = {ResourceId("domain", self.name)}
+        for disk in self.d.disks:
+            pool = self.spec.volumes[disk.volume].pool
+            if self.d.host in self.spec.pools[pool].hosts:
+                deps.add(ResourceId("pool", pool, self.d.host))
+        return frozenset(deps)
+
+    def target_for(self, current: str) -> str:
+        allowed = [h for h in self.d.allowed_hosts() if not self.spec.hosts[h].drain]
+        mode = self.d.placement.policy if self.d.placement else "pinned"
+        if mode == "floating" and current in allowed:
+            return current
+        if self.d.host in allowed or not allowed:
+            return self.d.host
+        return current if current in allowed else allowed[0]
+
+    async def observe(self, ctx: RunContext) -> PlacementObs | None:
+        found = await locate(ctx, self.name, self.hosts())
+        if len(found) > 1:
+            raise KvmstateError(f"domain {self.name} is defined on {', '.join(sorted(found))}")
+        if not found:
+            return None
+        host, st = next(iter(found.items()))
+        target = self.target_for(host)
+        checks: tuple[Check, ...] = ()
+        if target != host:
+            checks = tuple(await self._preflight(ctx, host, target, st.state == "running"))
+        return PlacementObs(host, st.state, target, checks)
+
+    async def _preflight(self, ctx: RunContext, src: str, dst: str, running: bool) -> list[Check]:
+        out: list[Check] = []
+        try:
+            dconn = await ctx.libvirt(dst).connect()
+            out.append(Check("target libvirtd", True, f"connected to {dst}"))
+        except KvmstateError as e:
+            return [Check("target libvirtd", False, f"{dst}: {e}")]
+        dlv = ctx.libvirt(dst)
+        for disk in self.d.disks:
+            pool = self.spec.volumes[disk.volume].pool
+            ok = await dlv.run(virt.volume_visible, dconn, pool, disk.volume)
+            out.append(
+                Check(
+                    f"disk {disk.volume}",
+                    ok,
+                    f"pool {pool} active on {dst} with the volume"
+                    if ok
+                    else f"volume not visible in an active pool {pool} on {dst}",
+                )
+            )
+            mount = covering_mount(self.spec, dst, self.spec.pools[pool].path)
+            m = self.spec.mounts.get(mount) if mount else None
+            fmt = self.spec.volumes[disk.volume].format
+            if (
+                m is not None
+                and m.nfs_version == "3"
+                and "nolock" not in m.options
+                and fmt == "qcow2"
+            ):
+                out.append(
+                    Check(
+                        "nfs locking",
+                        False,
+                        f"{dst}: NFSv3 mount {mount} without "
+                        "nolock under a qcow2 disk: QEMU image locking fails",
+                    )
+                )
+        sconn = await ctx.libvirt(src).connect()
+        compatible, detail = await ctx.libvirt(src).run(
+            virt.cpu_compatible, sconn, dconn, self.name
+        )
+        out.append(Check("cpu", compatible is not False, detail))
+        facts = ctx.facts(dst)
+        await facts.prefetch([hostfacts.MEM_AVAILABLE, hostfacts.BRIDGES])
+        if running:
+            free = await facts.get(hostfacts.MEM_AVAILABLE)
+            need = self.d.memory
+            out.append(
+                Check(
+                    "memory",
+                    free >= need,
+                    f"{free // 2**20} MiB available on {dst}, guest needs {need // 2**20} MiB",
+                )
+            )
+        bridges = {i.bridge for i in self.d.interfaces if i.bridge}
+        if bridges:
+            have = await facts.get(hostfacts.BRIDGES)
+            missing = sorted(bridges - have)
+            out.append(
+                Check(
+                    "bridges",
+                    not missing,
+                    f"missing on {dst}: {', '.join(missing)}" if missing else "present",
+                )
+            )
+        return out
+
+    def diff(self, observed: PlacementObs | None) -> Change:
+        if observed is None:
+            return self.noop(f"domain {self.name} not defined yet (created on {self.d.host})")
+        o = observed
+        if o.target == o.host:
+            return self.noop(f"domain {self.name} {o.state} on {o.host}")
+        failed = [c for c in o.checks if not c.ok]
+        live = o.state == "running" and self.policy.live is not False
+        mode = self.d.placement.policy if self.d.placement else "pinned"
+        if failed and mode == "preferred":
+            return self.noop(
+                f"domain {self.name} stays on {o.host}: {o.target} not ready "
+                f"({'; '.join(c.detail for c in failed)})"
+            )
+        ch = Change(
+            self.id,
+            Action.MIGRATE,
+            (diff("host", o.host, o.target, "runtime"),),
+            f"{'live-migrate' if live else 'move'} {self.name} {o.host} -> {o.target}",
+            checks=o.checks,
+            data={"source": o.host, "target": o.target, "live": live, "memory": self.d.memory},
+        )
+        if failed:
+            return ch.with_blocked(
+                "pre-flight failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+            )
+        return ch
+
+    async def apply(self, change: Change, ctx: RunContext) -> PlacementObs | None:
+        if change.blocked:
+            raise RefusedError(change.blocked)
+        cur = await self.observe(ctx)
+        if cur is None or cur.target == cur.host:
+            return cur
+        src, dst = cur.host, cur.target
+        out_limit = self.spec.hosts[src].migrations.outgoing
+        in_limit = self.spec.hosts[dst].migrations.incoming
+        async with (
+            ctx.semaphore(f"migrate-out:{src}", out_limit),
+            ctx.semaphore(f"migrate-in:{dst}", in_limit),
+        ):
+            if cur.state == "running":
+                await self._migrate_live(ctx, src, dst)
+            else:
+                await self._move_defined(ctx, src, dst)
+        return await self.observe(ctx)
+
+    async def _move_defined(self, ctx: RunContext, src: str, dst: str) -> None:
+        slv, dlv = ctx.libvirt(src), ctx.libvirt(dst)
+        sconn, dconn = await slv.connect(), await dlv.connect()
+        xml = await slv.run(virt.inactive_xml, sconn, self.name)
+        self.log.info("moving shut-off domain %s: define on %s", self.name, dst)
+        await dlv.run(virt.define_domain, dconn, xml)
+        try:
+            self.log.info("moving shut-off domain %s: undefine on %s", self.name, src)
+            await slv.run(virt.undefine_domain, sconn, self.name)
+        except BaseException:
+            self.log.warning("undefine on %s failed; removing the copy on %s", src, dst)
+            await dlv.run(virt.undefine_domain, dconn, self.name)
+            raise
+        await dlv.run(virt.set_domain_autostart, dconn, self.name, self.d.autostart)
+
+    async def _migrate_live(self, ctx: RunContext, src: str, dst: str) -> None:
+        p = self.policy
+        slv, dlv = ctx.libvirt(src), ctx.libvirt(dst)
+        sconn, dconn = await slv.connect(), await dlv.connect()
+        postcopy = p.postcopy is not None or p.on_timeout == "postcopy"
+        flags = virt.migration_flags(
+            p.live is not False,
+            auto_converge=bool(p.auto_converge),
+            postcopy=postcopy,
+            parallel=bool(p.parallel_connections),
+            compressed=bool(p.compressed),
+        )
+        params = virt.migration_params(p.bandwidth, p.parallel_connections)
+        self.log.info("live-migrating %s %s -> %s", self.name, src, dst)
+        task = asyncio.ensure_future(slv.run(virt.migrate, sconn, dconn, self.name, params, flags))
+        loop = asyncio.get_running_loop()
+        start, downtime, switched = loop.time(), None, False
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=self.poll_interval)
+                if task.done():
+                    break
+                elapsed = loop.time() - start
+                want_dt = self._downtime_at(elapsed)
+                if want_dt is not None and want_dt != downtime:
+                    with contextlib.suppress(KvmstateError):
+                        await slv.run(virt.set_max_downtime, sconn, self.name, int(want_dt * 1000))
+                        downtime = want_dt
+                stats = await slv.run(virt.job_progress, sconn, self.name)
+                if stats:
+                    ctx.emit(self._progress(stats, src, dst))
+                late = p.postcopy is not None and elapsed >= p.postcopy
+                timed_out = p.timeout is not None and elapsed >= p.timeout
+                if (
+                    postcopy
+                    and not switched
+                    and (late or (timed_out and p.on_timeout == "postcopy"))
+                ):
+                    self.log.info("switching %s to post-copy after %.1fs", self.name, elapsed)
+                    await slv.run(virt.start_postcopy, sconn, self.name)
+                    switched = True
+                elif timed_out and not switched:
+                    await self._abort(slv, sconn, task)
+                    raise KvmstateError(
+                        f"migration of {self.name} {src} -> {dst} timed out after "
+                        f"{p.timeout:g}s; aborted, the domain is still running on {src}"
+                    )
+            await task
+        except asyncio.CancelledError:
+            await self._abort(slv, sconn, task)
+            raise
+        if self.d.autostart:  # autostart is host-local: it does not travel with the guest
+            await dlv.run(virt.set_domain_autostart, dconn, self.name, True)
+        stats = await dlv.run(virt.completed_job, dconn, self.name)
+        done: dict[str, Any] = {
+            "event": "migration-done",
+            "domain": self.name,
+            "source": src,
+            "target": dst,
+        }
+        done.update(time_elapsed=stats.get("time_elapsed"), downtime=stats.get("downtime"))
+        self.log.info(
+            "migrated %s to %s (%s ms, downtime %s ms)",
+            self.name,
+            dst,
+            done["time_elapsed"],
+            done["downtime"],
+        )
+        ctx.emit(done)
+
+    def _downtime_at(self, elapsed: float) -> float | None:
+        dt = self.policy.max_downtime
+        for step in self.policy.downtime_steps or []:
+            if elapsed >= step.after:
+                dt = step.max_downtime
+        return dt
+
+    async def _abort(self, slv: Any, sconn: Any, task: asyncio.Future[Any]) -> None:
+        self.log.warning("aborting migration of %s", self.name)
+        await slv.run(virt.abort_job, sconn, self.name)
+        with contextlib.suppress(BaseException):
+            await task
+
+    def _progress(self, s: dict[str, Any], src: str, dst: str) -> dict[str, Any]:
+        return {
+            "event": "migration-progress",
+            "domain": self.name,
+            "source": src,
+            "target": dst,
+            "time_elapsed": s.get("time_elapsed"),
+            "data_processed": s.get("data_processed"),
+            "data_remaining": s.get("data_remaining"),
+            "data_total": s.get("data_total"),
+            "memory_processed": s.get("memory_processed"),
+            "memory_remaining": s.get("memory_remaining"),
+            "memory_total": s.get("memory_total"),
+            "iteration": s.get("memory_iteration"),
+            "dirty_rate": s.get("memory_dirty_rate"),
+        }

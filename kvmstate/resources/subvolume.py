@@ -1,0 +1,247 @@
+"""A btrfs subvolume, its /etc/fstab entry (``subvol=NAME``) and its live mount.
+
+Observe is one batched read per host: fstab, mountinfo, the device resolved to its node
+(``blkid -o device -t LABEL=x`` or ``readlink -e``) and, when ``toplevel`` is set, the
+subvolume list. Without ``toplevel`` the subvolume's existence is known from the live mount
+(mountinfo's root ``/NAME``); when it is not mounted either, existence is "unknown" and apply
+looks under a temporary top-level mount (``-o subvolid=5``) before creating anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvmstate import hostfacts
+from kvmstate.errors import KvmstateError, RefusedError
+from kvmstate.facts import Fact
+from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.common import (
+    VISIBLE_OPTIONS,
+    describe_fstab,
+    diff,
+    fstab_line,
+    mkdir_p,
+    option_set,
+    set_fstab_line,
+)
+from kvmstate.spec import Spec, Subvolume
+
+TMP_TOP = "/run/kvmstate/btrfs"
+
+
+@dataclass(frozen=True)
+class SubvolumeState:
+    device_node: str | None
+    exists: bool | None  # None: cannot tell without mounting the top level
+    fstab: hostfacts.FstabEntry | None
+    mount: hostfacts.MountEntry | None
+    holds_data: bool | None = None
+
+
+class SubvolumeResource(Resource[SubvolumeState]):
+    kind = "subvolume"
+
+    def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
+        super().__init__(spec, name, host)
+        self.sv: Subvolume = spec.subvolumes[name]
+        self.h: str = self.sv.host
+
+    @classmethod
+    def expand(cls, spec: Spec) -> Iterable[SubvolumeResource]:
+        return [cls(spec, n, sv.host) for n, sv in spec.subvolumes.items()]
+
+    @property
+    def absent(self) -> bool:
+        return self.sv.state == "absent"
+
+    def _facts(self) -> list[Fact[Any]]:
+        out: list[Fact[Any]] = [
+            hostfacts.FSTAB,
+            hostfacts.MOUNTINFO,
+            hostfacts.device_fact(self.sv.device),
+        ]
+        if self.sv.toplevel:
+            out.append(hostfacts.btrfs_list_fact(self.sv.toplevel))
+        if self.absent:
+            out.append(_data_fact(self.sv.mountpoint))
+        return out
+
+    def facts(self) -> Iterable[tuple[str, Fact[Any]]]:
+        return [(self.h, f) for f in self._facts()]
+
+    def fstab_line(self) -> str:
+        opts = [f"subvol={self.name}", *self.sv.mount_options]
+        return fstab_line(self.sv.device, self.sv.mountpoint, "btrfs", opts)
+
+    async def observe(self, ctx: RunContext) -> SubvolumeState | None:
+        facts = ctx.facts(self.h)
+        await facts.prefetch(self._facts())
+        node = await facts.get(hostfacts.device_fact(self.sv.device))
+        fstab = hostfacts.fstab_entry_for(await facts.get(hostfacts.FSTAB), self.sv.mountpoint)
+        mount = hostfacts.mounted_at(await facts.get(hostfacts.MOUNTINFO), self.sv.mountpoint)
+        exists: bool | None = None
+        if self.sv.toplevel:
+            listed = await facts.get(hostfacts.btrfs_list_fact(self.sv.toplevel))
+            exists = None if listed is None else self.name in listed
+        if mount is not None and self._is_ours(mount, node):
+            exists = True
+        holds = None  # only known when the subvolume itself is mounted on its mountpoint
+        if self.absent and mount is not None and self._is_ours(mount, node):
+            holds = await facts.get(_data_fact(self.sv.mountpoint))
+        if node is None and not self.absent:
+            raise KvmstateError(
+                f"{self.h}: btrfs device {self.sv.device} not found (subvolume {self.name})"
+            )
+        if node is None and fstab is None and mount is None:
+            return None
+        return SubvolumeState(node, exists, fstab, mount, holds)
+
+    def _is_ours(self, mount: hostfacts.MountEntry, node: str | None) -> bool:
+        return mount.fstype == "btrfs" and mount.source == node and mount.root == f"/{self.name}"
+
+    def diff(self, observed: SubvolumeState | None) -> Change:
+        if self.absent:
+            return self._diff_absent(observed)
+        o = observed or SubvolumeState(None, False, None, None)
+        diffs: list[FieldDiff] = []
+        if not o.exists:
+            diffs.append(diff("subvolume", "unknown" if o.exists is None else None, self.name))
+        want = self.fstab_line()
+        if o.fstab is None or (
+            o.fstab.source,
+            o.fstab.fstype,
+            option_set(o.fstab.options),
+        ) != (self.sv.device, "btrfs", option_set([f"subvol={self.name}", *self.sv.mount_options])):
+            diffs.append(diff("fstab", describe_fstab(o.fstab), want))
+        where = f"{self.sv.device}:/{self.name} on {self.sv.mountpoint}"
+        if o.mount is None or not self._is_ours(o.mount, o.device_node):
+            before = f"{o.mount.source}:{o.mount.root}" if o.mount else None
+            diffs.append(diff("mounted", before, where, "runtime"))
+        else:
+            missing = self._missing_options(o.mount)
+            if missing:
+                diffs.append(
+                    diff(
+                        "mount_options",
+                        sorted(o.mount.options & VISIBLE_OPTIONS),
+                        sorted(missing),
+                        "runtime",
+                    )
+                )
+        if not diffs:
+            return self.noop(f"subvolume {self.name} mounted from {where}")
+        action = Action.CREATE if o.exists is False and o.fstab is None else Action.UPDATE
+        return self.change(action, diffs, f"subvolume {self.name} on {self.h}")
+
+    def _missing_options(self, mount: hostfacts.MountEntry) -> set[str]:
+        return {o for o in self.sv.mount_options if o in VISIBLE_OPTIONS} - mount.options
+
+    def _diff_absent(self, o: SubvolumeState | None) -> Change:
+        if o is None or (o.exists is False and o.fstab is None and o.mount is None):
+            return self.noop(f"subvolume {self.name} is absent")
+        ch = self.change(Action.DELETE, [diff("subvolume", self.name, None)], "state: absent")
+        if o.holds_data is not False and not self.sv.force_destroy:
+            return ch.with_blocked(
+                f"subvolume {self.name} on {self.h} holds data (or cannot be checked); "
+                "set force_destroy: true to delete it"
+            )
+        return ch
+
+    async def apply(self, change: Change, ctx: RunContext) -> SubvolumeState | None:
+        shell = ctx.shell(self.h)
+        try:
+            if self.absent:
+                await self._delete(ctx, change)
+                return await self.observe(ctx)
+            fields = {d.field for d in change.diffs}
+            if "subvolume" in fields:
+                async with self._toplevel(ctx) as top:
+                    listed = hostfacts.parse_btrfs_list(
+                        (await shell.run(["btrfs", "subvolume", "list", top])).stdout
+                    )
+                    if self.name not in listed:
+                        self.log.info("%s: btrfs subvolume create %s/%s", self.h, top, self.name)
+                        await shell.run(["btrfs", "subvolume", "create", f"{top}/{self.name}"])
+            if "fstab" in fields:
+                await set_fstab_line(ctx, self.h, self.sv.mountpoint, self.fstab_line(), self.log)
+            ctx.invalidate(self.h)
+            cur = await self.observe(ctx)
+            ours = (
+                cur is not None
+                and cur.mount is not None
+                and self._is_ours(cur.mount, cur.device_node)
+            )
+            if "fstab" in fields and ours:  # new options in fstab: remount now
+                opts = ",".join(["remount", *self.sv.mount_options])
+                self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
+                await shell.run(["mount", "-o", opts, self.sv.mountpoint])
+                ctx.invalidate(self.h)
+                cur = await self.observe(ctx)
+            if cur is not None and cur.mount is None:
+                await mkdir_p(ctx, self.h, self.sv.mountpoint, self.log)
+                self.log.info("%s: mount %s", self.h, self.sv.mountpoint)
+                await shell.run(["mount", self.sv.mountpoint])
+            elif cur is not None and cur.mount is not None:
+                if not self._is_ours(cur.mount, cur.device_node):
+                    raise RefusedError(
+                        f"{self.h}: {self.sv.mountpoint} has {cur.mount.source}:{cur.mount.root} "
+                        f"mounted, not subvolume {self.name}; unmount it first"
+                    )
+                if self._missing_options(cur.mount):
+                    opts = ",".join(["remount", *self.sv.mount_options])
+                    self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
+                    await shell.run(["mount", "-o", opts, self.sv.mountpoint])
+        finally:
+            ctx.invalidate(self.h)
+        return await self.observe(ctx)
+
+    @contextlib.asynccontextmanager
+    async def _toplevel(self, ctx: RunContext) -> AsyncIterator[str]:
+        """The top level of the filesystem: ``toplevel`` or a temporary ``subvolid=5`` mount."""
+        shell = ctx.shell(self.h)
+        if self.sv.toplevel:
+            yield self.sv.toplevel
+            return
+        tmp = f"{TMP_TOP}/{self.name}"
+        await mkdir_p(ctx, self.h, tmp, self.log)
+        self.log.info("%s: mounting the top level of %s on %s", self.h, self.sv.device, tmp)
+        await shell.run(["mount", "-t", "btrfs", "-o", "subvolid=5", self.sv.device, tmp])
+        try:
+            yield tmp
+        finally:
+            await shell.run(["umount", tmp])
+            await shell.run(["rmdir", "--", tmp], check=False)
+
+    async def _delete(self, ctx: RunContext, change: Change) -> None:
+        if change.blocked:
+            raise RefusedError(change.blocked)
+        shell = ctx.shell(self.h)
+        cur = await self.observe(ctx)
+        if cur is not None and cur.mount is not None:
+            self.log.info("%s: umount %s", self.h, self.sv.mountpoint)
+            await shell.run(["umount", self.sv.mountpoint])
+        await set_fstab_line(ctx, self.h, self.sv.mountpoint, None, self.log)
+        async with self._toplevel(ctx) as top:
+            listed = hostfacts.parse_btrfs_list(
+                (await shell.run(["btrfs", "subvolume", "list", top])).stdout
+            )
+            if self.name in listed:
+                self.log.info("%s: btrfs subvolume delete %s/%s", self.h, top, self.name)
+                await shell.run(["btrfs", "subvolume", "delete", f"{top}/{self.name}"])
+        ctx.invalidate(self.h)
+
+
+def _data_fact(path: str) -> Fact[bool | None]:
+    """Does ``path`` hold anything? None when it cannot be read (treated as 'holds data')."""
+
+    def parse(res: Any) -> bool | None:
+        if not res.ok:
+            return None if "No such file" not in res.stderr else False
+        return bool(res.stdout.strip())
+
+    argv = ("find", path, "-mindepth", "1", "-maxdepth", "1", "-print", "-quit")
+    return Fact(f"has-data:{path}", argv, parse)

@@ -1,0 +1,324 @@
+"""An in-memory cluster for fast tests: fake hosts with a filesystem, a mount table, btrfs
+subvolumes and an NFS export table, plus libvirt's real ``test:///`` driver per host.
+
+Each ``FakeHost`` emulates exactly the commands the resources run and rejects anything else
+(``FakeCommandError``), so a test fails when a resource runs an unexpected command. ``run_many``
+counts as one round trip (``host.round_trips``).
+
+libvirt: ``test:///default`` is one shared instance per process, so every fake host opens
+``test:///<tmpfile>.xml`` (an empty ``<node/>``): its own driver. The test driver keeps volumes
+in memory and has no files, so ``FakeLibvirt.run`` keeps both worlds consistent at the
+``kvmstate.virt`` seam: creating/resizing/deleting a volume also writes/removes its file in the
+fake filesystem, ``refresh_pool``/``start_pool`` rescan the (possibly NFS-shared) directory like
+a real dir pool, ``resize_volume`` (unsupported by the test driver) is emulated by re-creating
+the volume, and ``migrate`` (unsupported, code 3) by define+start on the target and
+destroy+undefine on the source. These are the documented compromises of the fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from kvmstate import virt, virtxml
+from kvmstate.errors import HostUnreachable, TransportError
+from kvmstate.spec import Spec
+from kvmstate.transport.base import CommandResult
+from kvmstate.transport.fake_cmds import (
+    Fail,
+    FakeBtrfs,
+    FakeCommandError,
+    FakeFile,
+    FakeMount,
+    is_under,
+    run_command,
+)
+
+T = TypeVar("T")
+
+
+class FakeHost:
+    """One fake machine. Tests set it up and mutate it behind kvmstate's back."""
+
+    def __init__(self, cluster: FakeCluster, name: str, address: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.address = address
+        self.files: dict[str, FakeFile] = {
+            "/etc/fstab": FakeFile(
+                "# /etc/fstab: static file system information.\n"
+                "UUID=1111-2222 / ext4 errors=remount-ro 0 1\n"
+            ),
+        }
+        self.dirs: set[str] = {"/", "/etc", "/run", "/var", "/var/lib", "/var/lib/libvirt", "/srv"}
+        self.mounts: list[FakeMount] = [FakeMount("/dev/vda1", "/", "ext4", ("rw", "relatime"))]
+        self.btrfs: dict[str, FakeBtrfs] = {}
+        self.exports_live: dict[tuple[str, str], frozenset[str]] = {}
+        self.bridges: set[str] = set()
+        self.users: set[str] = {"root"}
+        self.groups: set[str] = {"root"}
+        self.mem_available = 8 * 1024**3
+        self.nfs_as_fuse = False  # show NFS mounts as fuse.glusterfs (the lab's client)
+        self.reachable = True
+        self.failures: dict[tuple[str, ...], tuple[int, str, str]] = {}
+        self.round_trips = 0
+        self.history: list[tuple[str, ...]] = []
+        fd, self._xml = tempfile.mkstemp(prefix=f"kvmstate-fake-{name}-", suffix=".xml")
+        with os.fdopen(fd, "w") as f:
+            f.write("<node/>")
+        self.uri = f"test://{self._xml}"
+        self._conn: Any = None
+
+    # --- setup helpers for tests ---------------------------------------------------------------
+    def add_btrfs(self, node: str, label: str | None = None, uuid: str = "") -> FakeBtrfs:
+        fs = FakeBtrfs(node, label, uuid or f"uuid-{len(self.btrfs)}")
+        self.btrfs[node] = fs
+        return fs
+
+    def fail(self, argv_prefix: Sequence[str], stderr: str = "failed", status: int = 1) -> None:
+        """Make every command starting with ``argv_prefix`` fail."""
+        self.failures[tuple(argv_prefix)] = (status, "", stderr)
+
+    def respond(self, argv_prefix: Sequence[str], stdout: str, status: int = 0) -> None:
+        """Make every command starting with ``argv_prefix`` print ``stdout`` (hostile host)."""
+        self.failures[tuple(argv_prefix)] = (status, stdout, "")
+
+    def read(self, path: str) -> str | None:
+        host, p = self.resolve(path)
+        f = host.files.get(p)
+        return None if f is None else f.content
+
+    def write(self, path: str, content: str) -> None:
+        host, p = self.resolve(path)
+        host.files[p] = FakeFile(content, size=len(content))
+
+    def mount_at(self, mountpoint: str) -> FakeMount | None:
+        found = None
+        for m in self.mounts:
+            if m.mountpoint == mountpoint:
+                found = m
+        return found
+
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = virt.open_connection(self.uri)
+        return self._conn
+
+    # --- filesystem --------------------------------------------------------------------------
+    def resolve(self, path: str) -> tuple[FakeHost, str]:
+        """Follow an NFS mount covering ``path`` to the server's filesystem."""
+        best: FakeMount | None = None
+        for m in self.mounts:
+            nfs = is_under(path, m.mountpoint) and m.source.count(":") == 1
+            if nfs and (best is None or len(m.mountpoint) >= len(best.mountpoint)):
+                best = m
+        if best is None:
+            return self, path
+        server, _, base = best.source.partition(":")
+        host = self.cluster.by_address(server)
+        rest = path[len(best.mountpoint) :].lstrip("/")
+        return host, (base.rstrip("/") + "/" + rest) if rest else base
+
+    def is_dir(self, path: str) -> bool:
+        host, p = self.resolve(path)
+        return p in host.dirs
+
+    def listdir(self, path: str) -> list[str]:
+        host, p = self.resolve(path)
+        prefix = p.rstrip("/") + "/"
+        names = {x[len(prefix) :].split("/")[0] for x in [*host.files, *host.dirs]}
+        return sorted(
+            n
+            for n in names
+            if n and any(y.startswith(prefix + n) for y in [*host.files, *host.dirs])
+        )
+
+    def proc_mountinfo(self) -> str:
+        lines = []
+        for i, m in enumerate(self.mounts):
+            lines.append(
+                f"{20 + i} 1 0:{30 + i} {m.root} {m.mountpoint} {','.join(m.options)} - "
+                f"{m.fstype} {m.source} {','.join(m.super_options) or 'rw'}"
+            )
+        return "\n".join(lines) + "\n"
+
+    # --- running commands ----------------------------------------------------------------------
+    def execute(self, argv: Sequence[str], input: str | None = None) -> CommandResult:
+        argv = tuple(argv)
+        self.history.append(argv)
+        for prefix, (status, stdout, stderr) in self.failures.items():
+            if argv[: len(prefix)] == prefix:
+                return CommandResult(self.name, argv, status, stdout, stderr)
+        try:
+            out = run_command(self, argv, input)
+        except FakeCommandError:
+            raise
+        except Fail as e:
+            return CommandResult(self.name, argv, e.status, "", e.stderr)
+        return CommandResult(self.name, argv, 0, out, "")
+
+    def check_reachable(self) -> None:
+        if not self.reachable:
+            raise HostUnreachable(self.name, "connection refused (fake host marked unreachable)")
+
+
+class FakeShell:
+    def __init__(self, host: FakeHost) -> None:
+        self._host = host
+        self.host = host.name
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult:
+        self._host.check_reachable()
+        self._host.round_trips += 1
+        res = self._host.execute(argv, input)
+        return res.check() if check else res
+
+    async def run_many(self, argvs: Sequence[Sequence[str]]) -> list[CommandResult]:
+        self._host.check_reachable()
+        self._host.round_trips += 1
+        return [self._host.execute(a) for a in argvs]
+
+
+class FakeLibvirt:
+    """libvirt's test driver for one fake host, kept consistent with the fake filesystem."""
+
+    def __init__(self, host: FakeHost) -> None:
+        self._host = host
+        self.host = host.name
+
+    async def connect(self) -> Any:
+        self._host.check_reachable()
+        return self._host.conn()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        self._host.check_reachable()
+        try:
+            return await asyncio.to_thread(self._call, fn, *args)
+        except virt.Error as e:
+            raise TransportError(self.host, getattr(fn, "__name__", "libvirt"), None, str(e)) from e
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        h = self._host
+        if fn is virt.resize_volume:
+            _, pool, name, capacity = args
+            path = virt.lookup_pool(h.conn(), pool).storageVolLookupByName(name).path()
+            virt.delete_volume(h.conn(), pool, name)
+            virt.create_volume(h.conn(), pool, name, _fmt_of(name), capacity)
+            fh, p = h.resolve(path)
+            fh.files.setdefault(p, FakeFile()).size = capacity
+            return None  # type: ignore[return-value]
+        if fn is virt.migrate:
+            self._migrate(*args)
+            return None  # type: ignore[return-value]
+        if fn in (virt.refresh_pool, virt.start_pool):
+            self._sync_pool(args[1], starting=fn is virt.start_pool)
+        result = fn(*args)
+        if fn is virt.create_volume:
+            _, pool, name, _fmt, capacity = args
+            path = virt.lookup_pool(h.conn(), pool).storageVolLookupByName(name).path()
+            fh, p = h.resolve(path)
+            fh.files[p] = FakeFile(size=capacity, mode="0600")
+        elif fn is virt.delete_volume:
+            _, pool, name = args
+            pool_path = virtxml.parse_pool_path(virt.lookup_pool(h.conn(), pool).XMLDesc(0))
+            fh, p = h.resolve(f"{pool_path}/{name}")
+            fh.files.pop(p, None)
+        return result
+
+    def _sync_pool(self, name: str, starting: bool) -> None:
+        h = self._host
+        pool = virt.lookup_pool(h.conn(), name)
+        if pool is None:
+            return
+        path = virtxml.parse_pool_path(pool.XMLDesc(0))
+        if starting and not h.is_dir(path):
+            raise virt.Error(f"cannot open directory '{path}': No such file or directory")
+        if not pool.isActive() and not starting:
+            return
+        if starting:
+            pool.create(0)
+        fh, base = h.resolve(path)
+        present = {n: fh.files[f"{base}/{n}"] for n in h.listdir(path) if f"{base}/{n}" in fh.files}
+        for vol in pool.listVolumes():
+            if vol not in present:
+                pool.storageVolLookupByName(vol).delete(0)
+        have = set(pool.listVolumes())
+        for n, f in present.items():
+            if n not in have:
+                pool.createXML(virtxml.volume_xml(n, _fmt_of(n), f.size), 0)
+
+    def _migrate(self, src: Any, dst: Any, name: str, params: Any, flags: int) -> None:
+        xml = virt.inactive_xml(src, name)
+        virt.define_domain(dst, xml)
+        virt.start_domain(dst, name)
+        virt.undefine_domain(src, name)
+
+
+def _fmt_of(name: str) -> str:
+    return "qcow2" if name.endswith(".qcow2") else "raw"
+
+
+class FakeCluster:
+    """``FakeCluster(spec)`` or ``FakeCluster({"name": "address"})``: implements Transports."""
+
+    def __init__(self, spec_or_hosts: Spec | dict[str, str]) -> None:
+        hosts = (
+            {n: h.address for n, h in spec_or_hosts.hosts.items()}
+            if isinstance(spec_or_hosts, Spec)
+            else dict(spec_or_hosts)
+        )
+        self.hosts = {n: FakeHost(self, n, a) for n, a in hosts.items()}
+
+    def __getitem__(self, name: str) -> FakeHost:
+        return self.hosts[name]
+
+    def by_address(self, address: str) -> FakeHost:
+        for h in self.hosts.values():
+            if h.address == address or h.name == address:
+                return h
+        raise Fail(f"mount.nfs: Failed to resolve server {address}", 32)
+
+    def shell(self, host: str) -> FakeShell:
+        return FakeShell(self.hosts[host])
+
+    def libvirt(self, host: str) -> FakeLibvirt:
+        return FakeLibvirt(self.hosts[host])
+
+    def round_trips(self) -> dict[str, int]:
+        return {n: h.round_trips for n, h in self.hosts.items()}
+
+    async def close(self) -> None:
+        for h in self.hosts.values():
+            if h._conn is not None:
+                h._conn.close()
+                h._conn = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(h._xml)
+
+    def client_allowed(self, server: FakeHost, path: str, client: FakeHost) -> bool:
+        for (p, who), _opts in server.exports_live.items():
+            if p != path:
+                continue
+            if who == "*" or who in (client.address, client.name):
+                return True
+            try:
+                if ipaddress.ip_address(client.address) in ipaddress.ip_network(who, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+
+__all__ = ["FakeBtrfs", "FakeCluster", "FakeCommandError", "FakeFile", "FakeHost", "FakeMount"]

@@ -1,0 +1,288 @@
+"""The commands a fake host understands: exactly the argv forms the resources run.
+
+Anything else raises ``FakeCommandError`` (a test fails loudly). A command that would exit
+non-zero on a real host raises ``Fail`` (turned into a non-zero ``CommandResult``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvmstate import hostfacts, nfsexports
+from kvmstate.errors import KvmstateError
+from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
+
+if TYPE_CHECKING:
+    from kvmstate.transport.fake import FakeHost
+
+
+class FakeCommandError(KvmstateError):
+    """A resource ran a command the fake host does not emulate."""
+
+
+class Fail(Exception):
+    def __init__(self, stderr: str, status: int = 1) -> None:
+        super().__init__(stderr)
+        self.stderr = stderr
+        self.status = status
+
+
+@dataclass
+class FakeMount:
+    source: str
+    mountpoint: str
+    fstype: str
+    options: tuple[str, ...]
+    root: str = "/"
+    super_options: tuple[str, ...] = ()
+
+
+@dataclass
+class FakeBtrfs:
+    node: str
+    label: str | None
+    uuid: str
+    subvolumes: dict[str, int] = field(default_factory=dict)
+    next_id: int = 256
+
+
+@dataclass
+class FakeFile:
+    content: str = ""
+    owner: str = "root"
+    group: str = "root"
+    mode: str = "0644"
+    size: int = 0
+
+
+def is_under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+_VISIBLE = {"ro", "noatime", "nodiratime", "relatime", "strictatime", "nosuid", "nodev", "noexec"}
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
+    match argv:
+        case ("cat", "--", "/proc/self/mountinfo"):
+            return h.proc_mountinfo()
+        case ("cat", "--", "/proc/meminfo"):
+            return f"MemTotal: 16000000 kB\nMemAvailable: {h.mem_available // 1024} kB\n"
+        case ("cat", "--", path):
+            text = h.read(path)
+            if text is None:
+                raise Fail(f"cat: {path}: No such file or directory")
+            return text
+        case ("sh", "-c", script, "kvmstate-write", path, mode) if script == ATOMIC_WRITE_SCRIPT:
+            if not h.is_dir(_parent(path)):
+                raise Fail(f"mktemp: failed to create file via template '{path}': No such dir")
+            fh, p = h.resolve(path)
+            old = fh.files.get(p)
+            fh.files[p] = FakeFile(input or "", mode=old.mode if old else mode)
+            return ""
+        case ("sh", "-c", script) if script == nfsexports.EXPORTS_D_SCRIPT:
+            out = []
+            for p in sorted(h.files):
+                if _parent(p) == "/etc/exports.d" and p.endswith(".exports"):
+                    out.append(f"==> {p} <==\n{h.files[p].content}")
+            return "".join(out)
+        case ("mkdir", "-p", "--", path):
+            fh, p = h.resolve(path)
+            while p not in ("", "/"):
+                fh.dirs.add(p)
+                p = _parent(p)
+            return ""
+        case ("rmdir", "--", path):
+            fh, p = h.resolve(path)
+            if h.listdir(path) or h.mount_at(path):
+                raise Fail(f"rmdir: failed to remove '{path}': Device or resource busy")
+            fh.dirs.discard(p)
+            return ""
+        case ("readlink", "-e", "--", path):
+            if path in h.btrfs or h.is_dir(path) or path in h.files:
+                return path + "\n"
+            raise Fail("", 1)
+        case ("blkid", "-o", "device", "-t", tag):
+            key, _, value = tag.partition("=")
+            for fs in h.btrfs.values():
+                if (key == "LABEL" and fs.label == value) or (key == "UUID" and fs.uuid == value):
+                    return fs.node + "\n"
+            raise Fail("", 2)
+        case ("mount", "-t", "btrfs", "-o", "subvolid=5", device, target):
+            fs = _device(h, device)
+            _need_dir(h, target)
+            h.mounts.append(
+                FakeMount(fs.node, target, "btrfs", ("rw", "relatime"), "/", _btrfs_super(5, "/"))
+            )
+            return ""
+        case ("mount", "-o", opts, target) if opts.startswith("remount,"):
+            m = h.mount_at(target)
+            if m is None:
+                raise Fail(f"mount: {target}: mount point not mounted or bad option.", 32)
+            new = opts.split(",")[1:]
+            m.options = ("rw", *sorted(o for o in new if o in _VISIBLE))
+            keep = [o for o in m.super_options if o.startswith(("subvol", "space_cache", "rw"))]
+            m.super_options = (*keep, *sorted(o for o in new if "=" in o and "subvol" not in o))
+            return ""
+        case ("mount", target):
+            _mount_from_fstab(h, target)
+            return ""
+        case ("umount", target):
+            m = h.mount_at(target)
+            if m is None:
+                raise Fail(f"umount: {target}: not mounted.", 32)
+            h.mounts.remove(m)
+            return ""
+        case ("btrfs", "subvolume", "list", path):
+            m = h.mount_at(path)
+            if m is None or m.fstype != "btrfs":
+                raise Fail(f"ERROR: not a btrfs filesystem: {path}", 1)
+            fs = h.btrfs[m.source]
+            return "".join(
+                f"ID {i} gen 7 top level 5 path {n}\n" for n, i in sorted(fs.subvolumes.items())
+            )
+        case ("btrfs", "subvolume", "create", path):
+            fs, rel = _btrfs_path(h, path)
+            if rel in fs.subvolumes or h.is_dir(path):
+                raise Fail(f"ERROR: target path already exists: {path}")
+            fs.subvolumes[rel] = fs.next_id  # (its directory lives in the btrfs, not h.dirs)
+            fs.next_id += 1
+            return f"Create subvolume '{path}'\n"
+        case ("btrfs", "subvolume", "delete", path):
+            fs, rel = _btrfs_path(h, path)
+            if rel not in fs.subvolumes:
+                raise Fail(f"ERROR: Could not statfs: No such file or directory: {path}")
+            del fs.subvolumes[rel]
+            return f"Delete subvolume (no-commit): '{path}'\n"
+        case ("find", path, "-mindepth", "1", "-maxdepth", "1", "-print", "-quit"):
+            entries = h.listdir(path)
+            return f"{path}/{entries[0]}\n" if entries else ""
+        case ("test", "-d", path):
+            if not h.is_dir(path):
+                raise Fail("", 1)
+            return ""
+        case ("exportfs", "-v"):
+            return _exportfs_v(h)
+        case ("exportfs", "-ra"):
+            _exportfs_ra(h)
+            return ""
+        case ("stat", "-c", "%U:%G", "--", path):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"stat: cannot statx '{path}': No such file or directory")
+            return f"{fh.files[p].owner}:{fh.files[p].group}\n"
+        case ("chown", owner_group, "--", path):
+            owner, _, group = owner_group.partition(":")
+            if (owner and owner not in h.users) or (group and group not in h.groups):
+                raise Fail(f"chown: invalid user: '{owner_group}'")
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"chown: cannot access '{path}': No such file or directory")
+            fh.files[p].owner = owner or fh.files[p].owner
+            fh.files[p].group = group or fh.files[p].group
+            return ""
+        case ("ip", "-o", "link", "show", "type", "bridge"):
+            return "".join(
+                f"{i + 3}: {b}: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 state UP\\    "
+                f"link/ether 52:54:00:00:00:{i:02x} brd ff:ff:ff:ff:ff:ff\n"
+                for i, b in enumerate(sorted(h.bridges))
+            )
+    raise FakeCommandError(f"{h.name}: fake host does not emulate {list(argv)!r}")
+
+
+def _need_dir(h: FakeHost, path: str) -> None:
+    if not h.is_dir(path):
+        raise Fail(f"mount: {path}: mount point does not exist.", 32)
+
+
+def _device(h: FakeHost, device: str) -> FakeBtrfs:
+    for fs in h.btrfs.values():
+        if device in (fs.node, f"LABEL={fs.label}", f"UUID={fs.uuid}"):
+            return fs
+    raise Fail(f"mount: {device}: special device does not exist.", 32)
+
+
+def _btrfs_super(subvolid: int, subvol: str) -> tuple[str, ...]:
+    return ("rw", "space_cache=v2", f"subvolid={subvolid}", f"subvol={subvol}")
+
+
+def _btrfs_path(h: FakeHost, path: str) -> tuple[FakeBtrfs, str]:
+    parent = _parent(path)
+    m = h.mount_at(parent)
+    if m is None or m.fstype != "btrfs":
+        raise Fail(f"ERROR: not a btrfs filesystem: {parent}")
+    rel = (m.root.strip("/") + "/" + path.rsplit("/", 1)[1]).strip("/")
+    return h.btrfs[m.source], rel
+
+
+def _mount_from_fstab(h: FakeHost, target: str) -> None:
+    entry = hostfacts.fstab_entry_for(h.read("/etc/fstab"), target)
+    if entry is None:
+        raise Fail(f"mount: {target}: can't find in /etc/fstab.", 1)
+    if h.mount_at(target) is not None:
+        raise Fail(f"mount: {target}: already mounted.", 32)
+    _need_dir(h, target)
+    opts = dict(o.partition("=")[::2] for o in entry.options)
+    visible = ("rw", *sorted(o for o in entry.options if o in _VISIBLE))
+    if entry.fstype == "btrfs":
+        fs = _device(h, entry.source)
+        name = opts.get("subvol", "").strip("/")
+        if name not in fs.subvolumes:
+            raise Fail(f"mount: {target}: wrong fs type, bad option, bad superblock.", 32)
+        sup = _btrfs_super(fs.subvolumes[name], f"/{name}")
+        h.mounts.append(FakeMount(fs.node, target, "btrfs", visible, f"/{name}", sup))
+        return
+    if entry.fstype not in ("nfs", "nfs4"):
+        raise FakeCommandError(f"fake mount does not emulate fstype {entry.fstype}")
+    server_addr, _, path = entry.source.partition(":")
+    server = h.cluster.by_address(server_addr)
+    if not server.reachable:
+        raise Fail(f"mount.nfs: Connection timed out for {entry.source}", 32)
+    if not h.cluster.client_allowed(server, path, h):
+        raise Fail(f"mount.nfs: access denied by server while mounting {entry.source}", 32)
+    if h.nfs_as_fuse:
+        fuse = ("rw", "user_id=0", "group_id=0", "allow_other")
+        h.mounts.append(FakeMount(entry.source, target, "fuse.glusterfs", visible, "/", fuse))
+        return
+    vers = opts.get("vers", "4" if entry.fstype == "nfs4" else "3")
+    vers = "4.2" if vers == "4" else vers
+    nfs: tuple[str, ...] = ("rw", f"vers={vers}", "hard", "proto=tcp", f"addr={server.address}")
+    if "nolock" in entry.options:
+        nfs = (*nfs, "nolock")
+    fstype = "nfs" if vers == "3" else "nfs4"
+    h.mounts.append(FakeMount(entry.source, target, fstype, visible, "/", nfs))
+
+
+def _export_entries(h: FakeHost) -> list[nfsexports.ExportLine]:
+    lines = nfsexports.parse_exports(h.read("/etc/exports") or "")
+    for p in sorted(h.files):
+        if _parent(p) == "/etc/exports.d" and p.endswith(".exports"):
+            lines += nfsexports.parse_exports(h.files[p].content, p)
+    return lines
+
+
+def _exportfs_ra(h: FakeHost) -> None:
+    live: dict[tuple[str, str], frozenset[str]] = {}
+    for line in _export_entries(h):
+        if not h.is_dir(line.path):
+            raise Fail(f"exportfs: Failed to stat {line.path}: No such file or directory")
+        for client, opts in line.clients:
+            live[(line.path, client)] = frozenset(opts)
+    h.exports_live = live
+
+
+def _exportfs_v(h: FakeHost) -> str:
+    order = ("sync", "wdelay", "hide", "no_subtree_check", "sec=sys", "rw", "secure")
+    out = []
+    for (path, client), opts in sorted(h.exports_live.items()):
+        norm = nfsexports.normalize_export_options([*opts, "wdelay", "sec=sys"])
+        shown = sorted(norm, key=lambda o: (order.index(o) if o in order else 99, o))
+        who = "<world>" if client == "*" else client
+        head = f"{path:<14}\n\t\t{who}" if len(path) > 14 else f"{path:<14}\t{who}"
+        out.append(f"{head}({','.join(shown)})\n")
+    return "".join(out)

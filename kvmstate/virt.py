@@ -1,0 +1,400 @@
+"""The one module of resources-land that imports ``libvirt``.
+
+Lookups turn "no such domain/pool/volume" into ``None``; everything here is synchronous and is
+called by resources through ``Libvirt.run`` (a worker thread). XML is built from the typed spec
+with ``xml.etree`` and parsed back into small frozen values; raw XML is never compared.
+Pure XML building/parsing lives in ``kvmstate.virtxml``; migration helpers are at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from kvmstate.virtxml import (
+    NS,
+    DomainConfig,
+    VolumeState,
+    parse_domain_xml,
+    parse_pool_path,
+    parse_volume_xml,
+    parse_xml,
+    pool_xml,
+    volume_xml,
+)
+
+__all__ = ["NS", "DomainConfig", "VolumeState"]
+
+log = logging.getLogger(__name__)
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    return None
+
+
+libvirt.registerErrorHandler(_silence, None)
+
+NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
+NO_POOL = libvirt.VIR_ERR_NO_STORAGE_POOL
+NO_VOLUME = libvirt.VIR_ERR_NO_STORAGE_VOL
+NO_SUPPORT = libvirt.VIR_ERR_NO_SUPPORT
+Error = libvirt.libvirtError
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut-off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+
+
+def error_code(e: BaseException) -> int | None:
+    return e.get_error_code() if isinstance(e, libvirt.libvirtError) else None
+
+
+def _lookup(fn: Any, name: str, code: int) -> Any:
+    try:
+        return fn(name)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == code:
+            return None
+        raise
+
+
+def lookup_domain(conn: Any, name: str) -> Any:
+    return _lookup(conn.lookupByName, name, NO_DOMAIN)
+
+
+def lookup_pool(conn: Any, name: str) -> Any:
+    return _lookup(conn.storagePoolLookupByName, name, NO_POOL)
+
+
+def lookup_volume(pool: Any, name: str) -> Any:
+    return _lookup(pool.storageVolLookupByName, name, NO_VOLUME)
+
+
+# --- pools -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolState:
+    path: str
+    active: bool
+    autostart: bool
+    volumes: frozenset[str]
+
+
+def observe_pool(conn: Any, name: str) -> PoolState | None:
+    pool = lookup_pool(conn, name)
+    if pool is None:
+        return None
+    active = bool(pool.isActive())
+    vols = frozenset(pool.listVolumes()) if active else frozenset()
+    return PoolState(parse_pool_path(pool.XMLDesc(0)), active, bool(pool.autostart()), vols)
+
+
+def define_pool(conn: Any, name: str, path: str) -> None:
+    conn.storagePoolDefineXML(pool_xml(name, path), 0)
+
+
+def start_pool(conn: Any, name: str) -> None:
+    pool = conn.storagePoolLookupByName(name)
+    if not pool.isActive():
+        pool.create(0)
+
+
+def stop_pool(conn: Any, name: str) -> None:
+    pool = lookup_pool(conn, name)
+    if pool is not None and pool.isActive():
+        pool.destroy()
+
+
+def set_pool_autostart(conn: Any, name: str, on: bool) -> None:
+    conn.storagePoolLookupByName(name).setAutostart(1 if on else 0)
+
+
+def undefine_pool(conn: Any, name: str) -> None:
+    pool = lookup_pool(conn, name)
+    if pool is not None:
+        if pool.isActive():
+            pool.destroy()
+        pool.undefine()
+
+
+def refresh_pool(conn: Any, name: str) -> bool:
+    """Rescan an active pool's directory; False when the pool is missing or inactive."""
+    pool = lookup_pool(conn, name)
+    if pool is None or not pool.isActive():
+        return False
+    pool.refresh(0)
+    return True
+
+
+# --- volumes -----------------------------------------------------------------------------------
+
+
+def pool_is_active(conn: Any, name: str) -> bool | None:
+    """None when the pool is not defined."""
+    pool = lookup_pool(conn, name)
+    return None if pool is None else bool(pool.isActive())
+
+
+def observe_volume(conn: Any, pool_name: str, name: str) -> VolumeState | None:
+    """None when the pool is missing or inactive (check ``pool_is_active`` to tell apart)."""
+    pool = lookup_pool(conn, pool_name)
+    if pool is None or not pool.isActive():
+        return None
+    vol = lookup_volume(pool, name)
+    return None if vol is None else parse_volume_xml(vol.XMLDesc(0))
+
+
+def create_volume(conn: Any, pool_name: str, name: str, fmt: str, capacity: int) -> None:
+    conn.storagePoolLookupByName(pool_name).createXML(volume_xml(name, fmt, capacity), 0)
+
+
+def resize_volume(conn: Any, pool_name: str, name: str, capacity: int) -> None:
+    vol = conn.storagePoolLookupByName(pool_name).storageVolLookupByName(name)
+    vol.resize(capacity, 0)
+
+
+def delete_volume(conn: Any, pool_name: str, name: str) -> None:
+    pool = lookup_pool(conn, pool_name)
+    vol = None if pool is None else lookup_volume(pool, name)
+    if vol is not None:
+        vol.delete(0)
+
+
+# --- domains -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainState:
+    config: DomainConfig  # persistent definition
+    live: DomainConfig | None  # running definition (None when not running)
+    state: str
+    autostart: bool
+    persistent: bool
+
+
+def domain_state_name(code: int) -> str:
+    return _STATES.get(code, "other")
+
+
+def observe_domain(conn: Any, name: str) -> DomainState | None:
+    dom = lookup_domain(conn, name)
+    if dom is None:
+        return None
+    state = domain_state_name(dom.state()[0])
+    config = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    live = parse_domain_xml(dom.XMLDesc(0)) if dom.isActive() else None
+    return DomainState(config, live, state, bool(dom.autostart()), bool(dom.isPersistent()))
+
+
+def define_domain(conn: Any, xml: str) -> None:
+    """Define (or redefine) a domain. A redefinition must carry the existing UUID, or libvirt
+    refuses it ("already exists with uuid")."""
+    root = parse_xml(xml)
+    existing = lookup_domain(conn, _name_of(root))
+    if existing is not None and root.find("uuid") is None:
+        uuid = ET.Element("uuid")
+        uuid.text = existing.UUIDString()
+        root.insert(1, uuid)
+        xml = ET.tostring(root, encoding="unicode")
+    conn.defineXML(xml)
+
+
+def _name_of(root: ET.Element) -> str:
+    el = root.find("name")
+    if el is None or not el.text:
+        raise ValueError("domain XML without a name")
+    return el.text
+
+
+def start_domain(conn: Any, name: str) -> None:
+    dom = conn.lookupByName(name)
+    if not dom.isActive():
+        dom.create()
+
+
+def destroy_domain(conn: Any, name: str) -> None:
+    dom = lookup_domain(conn, name)
+    if dom is not None and dom.isActive():
+        dom.destroy()
+
+
+def set_domain_autostart(conn: Any, name: str, on: bool) -> None:
+    conn.lookupByName(name).setAutostart(1 if on else 0)
+
+
+def undefine_domain(conn: Any, name: str) -> None:
+    dom = lookup_domain(conn, name)
+    if dom is None:
+        return
+    if dom.isActive():
+        dom.destroy()
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    )
+    try:
+        dom.undefineFlags(flags)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != NO_SUPPORT:
+            raise
+        dom.undefine()
+
+
+def inactive_xml(conn: Any, name: str) -> str:
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    return str(conn.lookupByName(name).XMLDesc(flags))
+
+
+# --- migration ---------------------------------------------------------------------------------
+
+_PROGRESS_KEYS = (
+    "time_elapsed",
+    "data_processed",
+    "data_remaining",
+    "data_total",
+    "memory_processed",
+    "memory_remaining",
+    "memory_total",
+    "memory_iteration",
+    "memory_dirty_rate",
+    "memory_bps",
+    "downtime",
+    "setup_time",
+)
+
+
+def migration_flags(
+    live: bool, *, auto_converge: bool, postcopy: bool, parallel: bool, compressed: bool
+) -> int:
+    flags: int = int(
+        libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+    )
+    if live:
+        flags |= libvirt.VIR_MIGRATE_LIVE
+    if auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if postcopy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    if parallel:
+        flags |= libvirt.VIR_MIGRATE_PARALLEL
+    if compressed:
+        flags |= libvirt.VIR_MIGRATE_COMPRESSED
+    return flags
+
+
+def migration_params(bandwidth_bytes: int | None, parallel: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if bandwidth_bytes:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, bandwidth_bytes // (1024 * 1024))
+    if parallel:
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
+    return params
+
+
+def migrate(src: Any, dst: Any, name: str, params: dict[str, Any], flags: int) -> None:
+    """Blocks until the migration completes or fails (run it in a worker thread)."""
+    src.lookupByName(name).migrate3(dst, params, flags)
+
+
+def job_progress(conn: Any, name: str) -> dict[str, Any] | None:
+    """The running job's statistics, or None when there is no job (or no support)."""
+    try:
+        stats = conn.lookupByName(name).jobStats(0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in (NO_SUPPORT, NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return None
+        raise
+    if not stats or stats.get("type") in (None, libvirt.VIR_DOMAIN_JOB_NONE):
+        return None
+    return {k: stats[k] for k in _PROGRESS_KEYS if k in stats}
+
+
+def completed_job(conn: Any, name: str) -> dict[str, Any]:
+    """Statistics of the finished migration, read on the destination."""
+    try:
+        stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError as e:
+        log.debug("no completed job statistics for %s: %s", name, e)
+        return {}
+    return {k: stats[k] for k in _PROGRESS_KEYS if k in stats}
+
+
+def abort_job(conn: Any, name: str) -> None:
+    dom = lookup_domain(conn, name)
+    if dom is not None:
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as e:
+            log.warning("abortJob(%s): %s", name, e)
+
+
+def set_max_downtime(conn: Any, name: str, ms: int) -> None:
+    conn.lookupByName(name).migrateSetMaxDowntime(ms, 0)
+
+
+def start_postcopy(conn: Any, name: str) -> None:
+    conn.lookupByName(name).migrateStartPostCopy(0)
+
+
+def cpu_compatible(src: Any, dst: Any, name: str) -> tuple[bool | None, str]:
+    """Is the domain's guest CPU usable on ``dst``? (None: cannot tell on this driver)."""
+    root = parse_xml(src.lookupByName(name).XMLDesc(0))
+    cpu = root.find("cpu")
+    if cpu is None or root.get("type") == "qemu":
+        return None, "no host CPU model in use (TCG or default CPU)"
+    try:
+        res = dst.compareHypervisorCPU(
+            None, None, None, None, ET.tostring(cpu, encoding="unicode"), 0
+        )
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == NO_SUPPORT:
+            return None, "compareHypervisorCPU not supported by the target"
+        raise
+    ok = res in (libvirt.VIR_CPU_COMPARE_IDENTICAL, libvirt.VIR_CPU_COMPARE_SUPERSET)
+    return ok, "compatible" if ok else "guest CPU not supported by the target host"
+
+
+def volume_visible(conn: Any, pool_name: str, name: str) -> bool:
+    pool = lookup_pool(conn, pool_name)
+    return bool(pool is not None and pool.isActive() and lookup_volume(pool, name) is not None)
+
+
+def open_connection(uri: str) -> Any:
+    return libvirt.open(uri)
+
+
+def users_of_path(conn: Any, path: str) -> list[str]:
+    """Active pools and running domains whose storage is under ``path`` (what an unmount
+    would pull the floor from under)."""
+    prefix = path.rstrip("/") + "/"
+    users = []
+    for pool in conn.listAllStoragePools(0):
+        p = parse_pool_path(pool.XMLDesc(0))
+        if pool.isActive() and (p == path or p.startswith(prefix)):
+            users.append(f"active pool {pool.name()}")
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        for disk in parse_domain_xml(dom.XMLDesc(0)).disks:
+            if disk.path == path or disk.path.startswith(prefix):
+                users.append(f"running domain {dom.name()}")
+                break
+    return users
+
+
+def set_live_memory(conn: Any, name: str, kib: int) -> None:
+    conn.lookupByName(name).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def set_live_vcpus(conn: Any, name: str, n: int) -> None:
+    conn.lookupByName(name).setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)

@@ -1,0 +1,236 @@
+"""Libvirt XML built from the typed spec and parsed back into small frozen values.
+
+Pure (no ``libvirt`` import): raw XML is never compared, only these parsed fields. The XML
+comes from the local libvirt daemon we talk to, so the stdlib parser is acceptable (S314).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from kvmstate.spec import Domain
+
+NS = "https://kvmstate.dev/xmlns/1"
+ET.register_namespace("kvmstate", NS)
+
+
+def parse_xml(xml: str) -> ET.Element:
+    return ET.fromstring(xml)  # noqa: S314 - XML from libvirt, not from users
+
+
+def _text(root: ET.Element, path: str) -> str | None:
+    el = root.find(path)
+    return el.text if el is not None and el.text is not None else None
+
+
+def pool_xml(name: str, path: str) -> str:
+    root = ET.Element("pool", type="dir")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(ET.SubElement(root, "target"), "path").text = path
+    return ET.tostring(root, encoding="unicode")
+
+
+def parse_pool_path(xml: str) -> str:
+    return _text(parse_xml(xml), "target/path") or ""
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    path: str
+    format: str | None
+    capacity: int
+
+
+def volume_xml(name: str, fmt: str, capacity: int) -> str:
+    root = ET.Element("volume")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(root, "target")
+    ET.SubElement(target, "format", type=fmt)
+    return ET.tostring(root, encoding="unicode")
+
+
+def parse_volume_xml(xml: str) -> VolumeState:
+    root = parse_xml(xml)
+    fmt = root.find("target/format")
+    return VolumeState(
+        _text(root, "target/path") or "",
+        fmt.get("type") if fmt is not None else None,
+        int(_text(root, "capacity") or 0),
+    )
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    format: str | None
+    bus: str | None
+    cache: str | None
+    target: str | None
+
+
+@dataclass(frozen=True)
+class NicConfig:
+    kind: str  # bridge | network
+    source: str
+    model: str | None
+    mac: str | None
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """The managed fields of a domain definition (persistent or live)."""
+
+    type: str
+    memory_kib: int
+    vcpus: int
+    firmware: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    disks: tuple[DiskConfig, ...] = ()
+    nics: tuple[NicConfig, ...] = ()
+    serial: tuple[str, str | None] | None = None
+    managed: bool = False
+    current_kib: int = 0  # currentMemory (the balloon target)
+
+
+def desired_config(spec: Domain, disk_paths: list[tuple[str, str]]) -> DomainConfig:
+    """The managed fields the spec asks for. ``disk_paths``: (path, format) per disk."""
+    disks = []
+    for i, (d, (path, fmt)) in enumerate(zip(spec.disks, disk_paths, strict=True)):
+        prefix = {"virtio": "vd", "ide": "hd"}.get(d.bus, "sd")
+        disks.append(DiskConfig(path, fmt, d.bus, d.cache, d.target or f"{prefix}{chr(97 + i)}"))
+    nics = tuple(
+        NicConfig("bridge" if n.bridge else "network", n.bridge or n.network or "", n.model, n.mac)
+        for n in spec.interfaces
+    )
+    boot = spec.boot
+    serial = (spec.serial.type, spec.serial.path) if spec.serial else None
+    return DomainConfig(
+        spec.type,
+        spec.memory // 1024,
+        spec.vcpus,
+        boot.firmware if boot else None,
+        boot.kernel if boot else None,
+        boot.initrd if boot else None,
+        boot.cmdline if boot else None,
+        tuple(disks),
+        nics,
+        serial,
+        True,
+        spec.memory // 1024,
+    )
+
+
+def build_domain_xml(name: str, c: DomainConfig) -> str:
+    root = ET.Element("domain", type=c.type)
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(ET.SubElement(root, "metadata"), f"{{{NS}}}managed")
+    ET.SubElement(root, "memory", unit="KiB").text = str(c.memory_kib)
+    ET.SubElement(root, "currentMemory", unit="KiB").text = str(c.current_kib or c.memory_kib)
+    ET.SubElement(root, "vcpu").text = str(c.vcpus)
+    os_el = ET.SubElement(root, "os")
+    if c.firmware == "uefi":
+        os_el.set("firmware", "efi")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    if c.kernel:
+        for tag, value in (("kernel", c.kernel), ("initrd", c.initrd), ("cmdline", c.cmdline)):
+            if value:
+                ET.SubElement(os_el, tag).text = value
+    else:
+        ET.SubElement(os_el, "boot", dev="hd")
+    features = ET.SubElement(root, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    for tag, value in (
+        ("on_poweroff", "destroy"),
+        ("on_reboot", "restart"),
+        ("on_crash", "destroy"),
+    ):
+        ET.SubElement(root, tag).text = value
+    devices = ET.SubElement(root, "devices")
+    for d in c.disks:
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=d.format or "raw", cache=d.cache or "none")
+        ET.SubElement(disk, "source", file=d.path)
+        ET.SubElement(disk, "target", dev=d.target or "vda", bus=d.bus or "virtio")
+    for n in c.nics:
+        nic = ET.SubElement(devices, "interface", type=n.kind)
+        if n.mac:
+            ET.SubElement(nic, "mac", address=n.mac)
+        ET.SubElement(nic, "source", {n.kind: n.source})
+        if n.model:
+            ET.SubElement(nic, "model", type=n.model)
+    if c.serial:
+        kind, path = c.serial
+        for tag in ("serial", "console"):
+            el = ET.SubElement(devices, tag, type=kind)
+            if path:
+                ET.SubElement(el, "source", path=path)
+            ET.SubElement(el, "target", port="0")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _kib(el: ET.Element | None) -> int:
+    if el is None or el.text is None:
+        return 0
+    factor = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024}
+    factor.update({"g": 1024**2, "gib": 1024**2})
+    return int(int(el.text) * factor.get(el.get("unit", "KiB").lower(), 1))
+
+
+def parse_domain_xml(xml: str) -> DomainConfig:
+    root = parse_xml(xml)
+    os_el = root.find("os")
+    firmware = None
+    if os_el is not None:
+        fw = os_el.get("firmware") or ("efi" if os_el.find("loader") is not None else None)
+        firmware = "uefi" if fw == "efi" else ("bios" if os_el.find("kernel") is None else None)
+    disks = []
+    for d in root.findall("devices/disk[@device='disk']"):
+        drv, src, tgt = d.find("driver"), d.find("source"), d.find("target")
+        disks.append(
+            DiskConfig(
+                (src.get("file") or src.get("dev") or "") if src is not None else "",
+                drv.get("type") if drv is not None else None,
+                tgt.get("bus") if tgt is not None else None,
+                drv.get("cache", "default") if drv is not None else None,
+                tgt.get("dev") if tgt is not None else None,
+            )
+        )
+    nics = []
+    for n in root.findall("devices/interface"):
+        kind = n.get("type", "")
+        src, model, mac = n.find("source"), n.find("model"), n.find("mac")
+        nics.append(
+            NicConfig(
+                kind,
+                (src.get(kind) or "") if src is not None else "",
+                model.get("type") if model is not None else None,
+                mac.get("address") if mac is not None else None,
+            )
+        )
+    serial_el = root.find("devices/serial")
+    serial = None
+    if serial_el is not None:
+        src = serial_el.find("source")
+        path = src.get("path") if src is not None and serial_el.get("type") == "file" else None
+        serial = (serial_el.get("type", "pty"), path)
+    vcpu = root.find("vcpu")
+    vcpus = int(vcpu.get("current") or vcpu.text or 0) if vcpu is not None else 0
+    return DomainConfig(
+        root.get("type", ""),
+        _kib(root.find("memory")),
+        vcpus,
+        firmware,
+        _text(root, "os/kernel"),
+        _text(root, "os/initrd"),
+        _text(root, "os/cmdline"),
+        tuple(disks),
+        tuple(nics),
+        serial,
+        root.find(f"metadata/{{{NS}}}managed") is not None,
+        _kib(root.find("currentMemory")) or _kib(root.find("memory")),
+    )

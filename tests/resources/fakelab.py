@@ -1,0 +1,154 @@
+"""Helpers for the resource tests: a lab-shaped spec on a fake cluster, and a tiny local
+driver loop (observe -> diff -> apply -> re-diff) standing in for the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from kvmstate.loader import parse_spec_text
+from kvmstate.model import Change
+from kvmstate.resources import KINDS
+from kvmstate.resources.base import Resource, RunContext
+from kvmstate.spec import Spec
+from kvmstate.transport.fake import FakeCluster, FakeMount
+
+LAB_SPEC = """
+version: 1
+hosts:
+  storage: {address: 10.77.0.10}
+  kvm-1: {address: 10.77.0.21}
+  kvm-2: {address: 10.77.0.22}
+subvolumes:
+  images:
+    host: storage
+    device: LABEL=labpool
+    toplevel: /srv/btrfs
+    mountpoint: /srv/images
+    mount_options: [noatime]
+exports:
+  images:
+    host: storage
+    path: /srv/images
+    clients:
+      - network: 10.77.0.0/24
+        options: [rw, sync, no_root_squash, no_subtree_check]
+mounts:
+  images:
+    export: images
+    hosts: [kvm-1, kvm-2]
+    mountpoint: /var/lib/libvirt/images
+    nfs_version: 3
+    options: [nolock, _netdev]
+pools:
+  images:
+    path: /var/lib/libvirt/images
+    hosts: [kvm-1, kvm-2]
+volumes:
+  guest.qcow2:
+    pool: images
+    format: qcow2
+    capacity: 64MiB
+    owner: libvirt-qemu
+    group: kvm
+domains:
+  guest:
+    type: qemu
+    memory: 128MiB
+    vcpus: 1
+    boot:
+      kernel: /var/lib/kvmstate/vmlinuz
+      initrd: /var/lib/kvmstate/initrd.img
+      cmdline: console=ttyS0
+    disks:
+      - volume: guest.qcow2
+    interfaces:
+      - bridge: br0
+    serial: {type: file, path: /var/log/libvirt/qemu/guest-serial.log}
+    state: running
+    host: kvm-1
+    placement:
+      hosts: [kvm-1, kvm-2]
+"""
+
+
+def make_spec(text: str = LAB_SPEC, **patch: Any) -> Spec:
+    spec = parse_spec_text(text).spec
+    if patch:
+        data = spec.model_dump(mode="json", exclude_none=True)
+        for dotted, value in patch.items():
+            node = data
+            *path, last = dotted.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = value
+        spec = Spec.model_validate(data)
+    return spec
+
+
+def prepare(cluster: FakeCluster) -> None:
+    """What the lab gives before kvmstate runs: a btrfs on a loop device with its top level
+    mounted on the storage host; bridges, users and groups on the KVM hosts."""
+    st = cluster["storage"]
+    st.add_btrfs("/dev/loop0", label="labpool", uuid="9492ea86")
+    st.dirs |= {"/srv/btrfs"}
+    st.mounts.append(
+        FakeMount(
+            "/dev/loop0", "/srv/btrfs", "btrfs", ("rw", "relatime"), "/", ("subvolid=5", "subvol=/")
+        )
+    )
+    for name in ("kvm-1", "kvm-2"):
+        h = cluster[name]
+        h.bridges.add("br0")
+        h.users.add("libvirt-qemu")
+        h.groups.add("kvm")
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def fresh(ctx: RunContext) -> None:
+    for h in ctx.spec.hosts:
+        ctx.invalidate(h)
+
+
+async def plan(res: Resource[Any], ctx: RunContext) -> Change:
+    """observe + diff, from a cold fact cache (as a new run would)."""
+    fresh(ctx)
+    return res.diff(await res.observe(ctx))
+
+
+async def converge(res: Resource[Any], ctx: RunContext) -> Change:
+    """One engine step for one resource: plan, apply if needed, and return the re-diff."""
+    change = await plan(res, ctx)
+    if change.is_noop:
+        return change
+    after = await res.apply(change, ctx)
+    return res.diff(after)
+
+
+def resources(spec: Spec, kind: str) -> list[Resource[Any]]:
+    for k in KINDS:
+        if k.kind == kind:
+            return list(k.expand(spec))
+    raise KeyError(kind)
+
+
+def find(spec: Spec, kind: str, host: str | None = None) -> Resource[Any]:
+    found = [r for r in resources(spec, kind) if host is None or r.id.host == host]
+    return found[0]
+
+
+async def converge_upto(ctx: RunContext, last_kind: str) -> None:
+    """Converge every resource of every kind up to and including ``last_kind``."""
+    for k in KINDS:
+        for res in k.expand(ctx.spec):
+            change = await converge(res, ctx)
+            assert change.is_noop, (res.id, change)
+        if k.kind == last_kind:
+            return
+
+
+Driver = Callable[[Resource[Any], RunContext], Coroutine[Any, Any, Change]]

@@ -1,0 +1,151 @@
+"""Placement: MIGRATE changes, pre-flight checks and policies on the fake cluster.
+
+The test driver cannot migrate (code 3): the fake emulates ``virt.migrate`` as define+start on
+the target and undefine on the source. The progress/timeout/abort loop is tested in
+``test_migration_loop.py`` through a stub libvirt seam.
+"""
+
+from __future__ import annotations
+
+from fakelab import LAB_SPEC, converge, converge_upto, find, make_spec, plan, run
+
+from kvmstate import virt
+from kvmstate.model import Action
+from kvmstate.resources.base import Event, RunContext
+from kvmstate.spec import Spec
+from kvmstate.transport.fake import FakeCluster
+
+MOVED = LAB_SPEC.replace("    host: kvm-1\n", "    host: kvm-2\n")
+
+
+def where(cluster: FakeCluster) -> dict[str, str]:
+    out = {}
+    for h in ("kvm-1", "kvm-2"):
+        st = virt.observe_domain(cluster[h].conn(), "guest")
+        if st is not None:
+            out[h] = st.state
+    return out
+
+
+def moved_ctx(cluster: FakeCluster, text: str = MOVED) -> tuple[Spec, RunContext, list[Event]]:
+    spec = make_spec(text)
+    events: list[Event] = []
+    return spec, RunContext(spec, cluster, events=events.append), events
+
+
+def test_live_migration_on_spec_change(cluster: FakeCluster, ctx: RunContext) -> None:
+    run(converge_upto(ctx, "placement"))
+    spec, mctx, events = moved_ctx(cluster)
+    res = find(spec, "placement")
+    change = run(plan(res, mctx))
+    assert change.action is Action.MIGRATE and change.blocked is None
+    assert dict(change.data) == {
+        "source": "kvm-1",
+        "target": "kvm-2",
+        "live": True,
+        "memory": 128 * 2**20,
+    }
+    assert [(d.field, d.before, d.after, d.drift) for d in change.diffs] == [
+        ("host", "kvm-1", "kvm-2", "runtime")
+    ]
+    assert {c.name for c in change.checks} >= {"target libvirtd", "disk guest.qcow2", "memory"}
+    assert all(c.ok for c in change.checks)
+    after = run(converge(res, mctx))
+    assert after.is_noop and after.reason == "domain guest running on kvm-2"
+    assert where(cluster) == {"kvm-2": "running"}
+    assert [e["event"] for e in events][-1:] == ["migration-done"]
+    # the domain resource is content on its new host
+    assert run(plan(find(spec, "domain"), mctx)).is_noop
+
+
+def test_shut_off_domain_is_moved_by_definition(cluster: FakeCluster, ctx: RunContext) -> None:
+    off = LAB_SPEC.replace("    state: running\n", "    state: shut-off\n")
+    _, ctx0, _ = moved_ctx(cluster, off)
+    run(converge_upto(ctx0, "placement"))
+    assert where(cluster) == {"kvm-1": "shut-off"}
+    spec, mctx, _ = moved_ctx(cluster, off.replace("    host: kvm-1\n", "    host: kvm-2\n"))
+    change = run(plan(find(spec, "placement"), mctx))
+    assert change.action is Action.MIGRATE and change.data["live"] is False
+    assert run(converge(find(spec, "placement"), mctx)).is_noop
+    assert where(cluster) == {"kvm-2": "shut-off"}
+
+
+def test_migrated_by_hand_is_runtime_drift_and_moved_back(
+    spec: Spec, cluster: FakeCluster, ctx: RunContext
+) -> None:
+    run(converge_upto(ctx, "placement"))
+    c1, c2 = cluster["kvm-1"].conn(), cluster["kvm-2"].conn()
+    # `virsh migrate` by hand (the fake's emulated migration, through its libvirt seam)
+    run(cluster.libvirt("kvm-1").run(virt.migrate, c1, c2, "guest", {}, 0))
+    assert where(cluster) == {"kvm-2": "running"}
+    res = find(spec, "placement")
+    drift = run(plan(res, ctx))
+    assert drift.action is Action.MIGRATE
+    assert [(d.before, d.after, d.drift) for d in drift.diffs] == [("kvm-2", "kvm-1", "runtime")]
+    assert run(converge(res, ctx)).is_noop
+    assert where(cluster) == {"kvm-1": "running"}
+
+
+def test_failed_preflight_blocks(cluster: FakeCluster, ctx: RunContext) -> None:
+    run(converge_upto(ctx, "placement"))
+    k2 = cluster["kvm-2"]
+    k2.bridges.clear()
+    k2.mem_available = 64 * 2**20
+    k2.conn().storagePoolLookupByName("images").destroy()
+    spec, mctx, _ = moved_ctx(cluster)
+    change = run(plan(find(spec, "placement"), mctx))
+    failed = {c.name for c in change.checks if not c.ok}
+    assert failed == {"bridges", "memory", "disk guest.qcow2"}
+    assert change.blocked and change.blocked.startswith("pre-flight failed")
+    assert where(cluster) == {"kvm-1": "running"}
+
+
+def test_unreachable_target_blocks(cluster: FakeCluster, ctx: RunContext) -> None:
+    run(converge_upto(ctx, "placement"))
+    spec, mctx, _ = moved_ctx(cluster)
+    res = find(spec, "placement")
+    cluster["kvm-2"].reachable = False
+    # every host the domain may be on must answer before anything is decided
+    try:
+        run(plan(res, mctx))
+    except Exception as e:  # noqa: BLE001 - the error type is the transport's
+        assert "kvm-2" in str(e)
+    else:
+        raise AssertionError("planning with an unreachable candidate host must fail")
+
+
+def test_nfsv3_without_nolock_is_a_failed_check(cluster: FakeCluster, ctx: RunContext) -> None:
+    run(converge_upto(ctx, "placement"))
+    spec, mctx, _ = moved_ctx(cluster, MOVED.replace("[nolock, _netdev]", "[_netdev]"))
+    change = run(plan(find(spec, "placement"), mctx))
+    assert [c.name for c in change.checks if not c.ok] == ["nfs locking"]
+    assert change.blocked
+
+
+def test_draining_a_host_moves_its_guest(cluster: FakeCluster, ctx: RunContext) -> None:
+    run(converge_upto(ctx, "placement"))
+    drained = LAB_SPEC.replace(
+        "  kvm-1: {address: 10.77.0.21}", "  kvm-1: {address: 10.77.0.21, drain: true}"
+    )
+    spec, mctx, _ = moved_ctx(cluster, drained)
+    change = run(plan(find(spec, "placement"), mctx))
+    assert change.action is Action.MIGRATE and change.data["target"] == "kvm-2"
+    assert run(converge(find(spec, "placement"), mctx)).is_noop
+    assert where(cluster) == {"kvm-2": "running"}
+
+
+def test_preferred_stays_put_when_not_ready_and_floating_never_moves(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    run(converge_upto(ctx, "placement"))
+    cluster["kvm-2"].bridges.clear()
+    pref = MOVED.replace(
+        "      hosts: [kvm-1, kvm-2]\n", "      hosts: [kvm-1, kvm-2]\n      policy: preferred\n"
+    )
+    spec, mctx, _ = moved_ctx(cluster, pref)
+    change = run(plan(find(spec, "placement"), mctx))
+    assert change.is_noop and "stays on kvm-1" in change.reason and "br0" in change.reason
+    floating = pref.replace("policy: preferred", "policy: floating")
+    spec, mctx, _ = moved_ctx(cluster, floating)
+    assert run(plan(find(spec, "placement"), mctx)).is_noop
+    assert where(cluster) == {"kvm-1": "running"}
