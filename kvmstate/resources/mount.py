@@ -151,15 +151,34 @@ class MountResource(Resource[MountState]):
             ctx.invalidate(self.h)
         return await self.observe(ctx)
 
+    async def _users(self, ctx: RunContext) -> list[str]:
+        lv = ctx.libvirt(self.h)
+        users: list[str] = await lv.run(virt.users_of_path, await lv.connect(), self.m.mountpoint)
+        return users
+
     async def _ensure(self, ctx: RunContext, o: MountState) -> None:
-        """fstab line, then (re)mount. A remount under a user is refused before anything is
-        written, so a refused change leaves the host exactly as it was."""
+        """fstab line, then (re)mount. A remount needed for the live source or NFS version
+        under a user is refused before anything is written, so a refused change leaves the
+        host exactly as it was. When only the fstab line differs (options) and the live mount
+        already has the spec's source and version, the line is rewritten and the remount that
+        would apply the options happens only if nothing uses the mount."""
         fstab_changed = not self._fstab_ok(o.fstab)
         live = self._live_problem(o.mount)
-        remount = o.mount is not None and (live is not None or fstab_changed)
         why = "remount with the spec's source, version and options"
+        remount = o.mount is not None and live is not None
         if remount:
             await self._refuse_if_in_use(ctx, why)
+        elif o.mount is not None and fstab_changed:
+            users = await self._users(ctx)
+            if users:
+                self.log.warning(
+                    "%s: %s: fstab updated; remount deferred while in use by %s",
+                    self.h,
+                    self.m.mountpoint,
+                    ", ".join(users),
+                )
+            else:
+                remount = True
         if fstab_changed:
             await set_fstab_line(ctx, self.h, self.m.mountpoint, self.line(), self.log)
         if remount:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from fakelab import LAB_SPEC, converge, converge_upto, find, make_spec, plan, run
 
@@ -72,17 +74,38 @@ def test_export_not_allowing_client_fails_clearly(cluster: FakeCluster) -> None:
     assert cluster["kvm-1"].mount_at(MP) is None
 
 
-def test_remount_refused_under_an_active_pool(cluster: FakeCluster, ctx: RunContext) -> None:
+def test_option_change_under_an_active_pool_rewrites_fstab_and_defers_the_remount(
+    cluster: FakeCluster, ctx: RunContext, caplog: pytest.LogCaptureFixture
+) -> None:
     run(converge_upto(ctx, "pool"))
+    mounted = cluster["kvm-1"].mount_at(MP)
     spec = make_spec(LAB_SPEC.replace("[nolock, _netdev]", "[nolock, _netdev, hard]"))
     res = find(spec, "mount", "kvm-1")
     nctx = RunContext(spec, cluster)
     change = run(plan(res, nctx))
     assert [d.field for d in change.diffs] == ["fstab"]
+    after = run(res.apply(change, nctx))
+    assert res.diff(after).is_noop
+    assert cluster["kvm-1"].mount_at(MP) == mounted  # never unmounted under the pool
+    assert ",hard" in (cluster["kvm-1"].read("/etc/fstab") or "")
+    assert "remount deferred while in use by active pool images" in caplog.text
+
+
+def test_wrong_live_source_under_an_active_pool_is_refused(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    run(converge_upto(ctx, "pool"))
+    host = cluster["kvm-1"]
+    i = host.mounts.index(host.mount_at(MP))  # type: ignore[arg-type]
+    host.mounts[i] = dataclasses.replace(host.mounts[i], source="10.77.0.99:/srv/images")
+    fstab = host.read("/etc/fstab")
+    res = find(make_spec(), "mount", "kvm-1")
+    change = run(plan(res, ctx))
+    assert [d.field for d in change.diffs] == ["mounted"]
     with pytest.raises(RefusedError, match="in use by active pool images"):
-        run(res.apply(change, nctx))
-    assert cluster["kvm-1"].mount_at(MP) is not None
-    assert ",hard" not in (cluster["kvm-1"].read("/etc/fstab") or "")  # nothing half-done
+        run(res.apply(change, ctx))
+    assert host.mount_at(MP).source == "10.77.0.99:/srv/images"  # type: ignore[union-attr]
+    assert host.read("/etc/fstab") == fstab  # nothing half-done
 
 
 def test_absent_refused_under_an_active_pool_then_done(
