@@ -1,0 +1,586 @@
+"""The real shell: one asyncssh connection per host, reused by every command of a run.
+
+* ``SSHHost`` owns the connection to one host: opened lazily on first use; concurrent first
+  users await one shared attempt (and share its failure); counted in ``HostStats``. Host keys
+  are verified against known_hosts unless the spec turns that off for the host, and every way
+  of failing to connect becomes ``HostUnreachable`` with a message a user can act on. At most
+  ``max_sessions`` channels are open at once (OpenSSH's ``MaxSessions`` defaults to 10).
+* ``SSHShell`` implements the ``Shell`` protocol on it. ``run_many`` runs many argv lists in
+  ONE exec channel: a fixed POSIX-sh wrapper (sent on stdin to ``sh -s``) runs each command
+  with stdin from /dev/null, its stdout and stderr into files of a private temp dir; then it
+  prints the exit statuses, the sizes (one ``wc -c``) and all the bytes (one ``base64``),
+  between header lines that carry a random per-call nonce. Command output can contain anything
+  (binary, no final newline, text that looks like our headers) and cannot forge a header.
+
+Commands run under ``LC_ALL=C`` so parsers see stable, untranslated output. With
+``sudo: true`` every command is prefixed with ``sudo -n --`` (never prompts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import getpass
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from kvmstate.errors import HostUnreachable, ParseError, TransportError
+from kvmstate.spec import SSHSettings
+from kvmstate.transport.base import CommandResult, quote_argv
+
+if TYPE_CHECKING:
+    from asyncssh import SSHClientConnection
+
+log = logging.getLogger(__name__)
+
+SUDO_PREFIX = ("sudo", "-n", "--")
+#: OpenSSH's default ``MaxSessions`` is 10 sessions per connection; stay under it.
+DEFAULT_MAX_SESSIONS = 8
+
+
+@dataclass
+class HostStats:
+    """What one host cost: SSH connections opened, exec channels (shell round trips), Unix
+    socket forwards set up, libvirt calls made (each one RPC round trip or more)."""
+
+    connections: int = 0
+    channels: int = 0
+    forwards: int = 0
+    libvirt_calls: int = 0
+    connect_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"connections": self.connections, "channels": self.channels}
+
+    def detail(self) -> dict[str, float]:
+        return {
+            "connections": self.connections,
+            "channels": self.channels,
+            "forwards": self.forwards,
+            "libvirt_calls": self.libvirt_calls,
+            "connect_seconds": round(self.connect_seconds, 6),
+        }
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and how to reach one host.
+
+    ``explicit`` names the SSH settings the spec set on purpose (not defaults): those win over
+    ``~/.ssh/config``; for the others, ssh_config (User, Port, IdentityFile, HostName) wins
+    over the spec's defaults.
+    """
+
+    host: str
+    address: str
+    settings: SSHSettings
+    explicit: frozenset[str] = field(default_factory=frozenset)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def remote_command(argv: Sequence[str], *, sudo: bool = False) -> str:
+    """The exec string sent for one argv (``LC_ALL=C``, ``sudo -n --`` when asked)."""
+    if not argv:
+        raise ValueError("empty command")
+    full = [*SUDO_PREFIX, *argv] if sudo else list(argv)
+    return "LC_ALL=C " + quote_argv(full)
+
+
+# The run_many wrapper: fixed text except the ``_k`` lines, whose words all come from
+# quote_argv. Each command runs in a subshell (a builtin like ``exit`` cannot end the batch) with
+# its stdout and stderr in files of a private temp dir; at the end ONE ``wc -c`` gives every
+# size and ONE ``base64`` carries all the bytes. About one fork per command plus five: half the
+# cost of encoding each output separately.
+_BATCH_PREAMBLE = r"""LC_ALL=C; export LC_ALL
+umask 077
+d="${TMPDIR:-/tmp}/kvmstate-batch-$D"
+mkdir -- "$d" || exit 125
+trap 'rm -rf -- "$d"' EXIT
+_s=; _f=
+_k() {
+  _i=$1; shift
+  ( "$@" ) </dev/null >"$d/$_i.o" 2>"$d/$_i.e"
+  _s="$_s $?"; _f="$_f $_i.o $_i.e"
+}
+"""
+
+_BATCH_EPILOGUE = r"""printf '\n%s status%s\n' "$N" "$_s"
+cd -- "$d" || exit 125
+printf '%s sizes\n' "$N"
+wc -c -- $_f
+printf '%s data\n' "$N"
+cat -- $_f | base64
+printf '%s end\n' "$N"
+"""
+
+
+def batch_script(argvs: Sequence[Sequence[str]], nonce: str, dir_token: str | None = None) -> str:
+    """The POSIX sh script that runs ``argvs`` one after another and frames their output.
+
+    The temp dir is named by a second random token, so a command that lists /tmp never sees
+    the nonce (not that it could forge anything: all output is base64-encoded)."""
+    token = dir_token if dir_token is not None else secrets.token_hex(8)
+    for value in (nonce, token):
+        if not re.fullmatch(r"[0-9a-f]{16,64}", value):
+            raise ValueError("nonce and dir token must be 16-64 lowercase hex digits")
+    lines = [f"N=KVMSTATE-{nonce}", f"D={token}", _BATCH_PREAMBLE]
+    for i, argv in enumerate(argvs):
+        if not argv:
+            raise ValueError(f"empty command at index {i}")
+        lines.append(f"_k {i} {quote_argv(argv)}")
+    lines.append(_BATCH_EPILOGUE)
+    return "\n".join(lines)
+
+
+def parse_batch_output(
+    host: str, argvs: Sequence[Sequence[str]], nonce: str, output: bytes
+) -> list[CommandResult]:
+    """Split the framed output of ``batch_script`` back into one result per command.
+
+    Anything before the status header (e.g. noise printed by a login script) is ignored; a
+    missing or truncated section, or sizes that do not add up, raise ``ParseError``.
+    """
+    marker = f"KVMSTATE-{nonce}"
+    what = "a batched command"
+    lines = output.decode("ascii", errors="replace").split("\n")
+    try:
+        start = next(i for i, x in enumerate(lines) if x.startswith(f"{marker} status"))
+    except StopIteration:
+        raise ParseError(host, what, "no status line (the wrapper did not finish)") from None
+    statuses = lines[start].removeprefix(f"{marker} status").split()
+    if len(statuses) != len(argvs) or not all(x.isdigit() for x in statuses):
+        raise ParseError(host, what, f"expected {len(argvs)} exit statuses: {lines[start]!r}")
+
+    def expect(i: int, tag: str) -> int:
+        if i >= len(lines) or lines[i] != f"{marker} {tag}":
+            raise ParseError(host, what, f"missing {tag!r} section (output truncated?)")
+        return i + 1
+
+    pos = expect(start + 1, "sizes")
+    sizes: dict[str, int] = {}
+    while pos < len(lines) and not lines[pos].startswith(marker):
+        parts = lines[pos].split()
+        if len(parts) == 2 and parts[0].isdigit():
+            sizes[parts[1]] = int(parts[0])
+        elif lines[pos].strip():
+            raise ParseError(host, what, f"bad size line {lines[pos]!r}")
+        pos += 1
+    pos = expect(pos, "data")
+    chunks: list[str] = []
+    while pos < len(lines) and not lines[pos].startswith(marker):
+        chunks.append(lines[pos])
+        pos += 1
+    expect(pos, "end")
+    try:
+        blob = base64.b64decode("".join(chunks), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ParseError(host, what, f"bad base64 data: {e}") from None
+    names = [f"{i}.{k}" for i in range(len(argvs)) for k in ("o", "e")]
+    if any(n not in sizes for n in names) or sum(sizes[n] for n in names) != len(blob):
+        raise ParseError(host, what, "sizes do not match the data")
+    results: list[CommandResult] = []
+    offset = 0
+    for i, argv in enumerate(argvs):
+        out = blob[offset : offset + sizes[f"{i}.o"]]
+        offset += sizes[f"{i}.o"]
+        err = blob[offset : offset + sizes[f"{i}.e"]]
+        offset += sizes[f"{i}.e"]
+        results.append(
+            CommandResult(
+                host=host,
+                argv=tuple(argv),
+                exit_status=int(statuses[i]),
+                stdout=out.decode("utf-8", errors="replace"),
+                stderr=err.decode("utf-8", errors="replace"),
+            )
+        )
+    return results
+
+
+# --- connecting --------------------------------------------------------------------------------
+
+
+def _ssh_config_paths(settings: SSHSettings) -> list[str]:
+    if settings.config:
+        return [settings.config]
+    default = os.path.expanduser("~/.ssh/config")
+    return [default] if os.access(default, os.R_OK) else []
+
+
+def _config_lookup(paths: list[str], address: str) -> dict[str, object]:
+    """The ssh_config options that apply to ``address`` (User, Port, HostName, ...)."""
+    if not paths:
+        return {}
+    try:
+        from asyncssh.config import SSHClientConfig
+
+        cfg = SSHClientConfig.load(
+            None, paths, False, False, False, getpass.getuser(), (), address, ()
+        )
+    except (OSError, ValueError, asyncssh.Error) as e:
+        raise HostUnreachable(
+            address, f"cannot read ssh config {paths}: {e}", temporary=False
+        ) from e
+    wanted = ("User", "Port", "HostName", "IdentityFile", "UserKnownHostsFile")
+    return {k: v for k in wanted if (v := cfg.get(k)) is not None}
+
+
+@dataclass(frozen=True)
+class ConnectPlan:
+    """The resolved parameters of one connect (what the spec and ssh_config ask for)."""
+
+    host: str
+    address: str
+    port: int | tuple[()]
+    username: str | tuple[()]
+    config: list[str]
+    known_hosts: str | None
+    client_keys: list[str] | tuple[()]
+    connect_timeout: float
+    keepalive_interval: float
+
+    def describe(self) -> str:
+        user = f"{self.username}@" if isinstance(self.username, str) else ""
+        port = f":{self.port}" if isinstance(self.port, int) else ""
+        return f"{user}{self.address}{port}"
+
+
+def plan_connect(target: SSHTarget) -> ConnectPlan:
+    """Resolve spec settings against ssh_config. Spec values set on purpose win."""
+    s = target.settings
+    paths = _ssh_config_paths(s)
+    cfg = _config_lookup(paths, target.address)
+    username: str | tuple[()] = s.user
+    if "user" not in target.explicit and "User" in cfg:
+        username = ()
+    port: int | tuple[()] = s.port
+    if "port" not in target.explicit and "Port" in cfg:
+        port = ()
+    client_keys: list[str] | tuple[()] = list(s.identity) if s.identity else ()
+    for key in client_keys:
+        if not os.access(key, os.R_OK):
+            raise HostUnreachable(
+                target.host,
+                f"identity file {key} does not exist or is not readable",
+                temporary=False,
+            )
+    known_hosts: str | None = None
+    if s.verify_host_key:
+        if s.known_hosts:
+            known_hosts = s.known_hosts
+        elif isinstance(cfg.get("UserKnownHostsFile"), list) and cfg["UserKnownHostsFile"]:
+            known_hosts = os.path.expanduser(str(cfg["UserKnownHostsFile"][0]))  # type: ignore[index]
+        else:
+            known_hosts = os.path.expanduser("~/.ssh/known_hosts")
+        if not os.path.exists(known_hosts):
+            raise HostUnreachable(
+                target.host,
+                f"cannot verify the host key of {target.address}: known_hosts file {known_hosts} "
+                "does not exist (add the host's key to it, or set verify_host_key: false)",
+                temporary=False,
+            )
+    return ConnectPlan(
+        host=target.host,
+        address=target.address,
+        port=port,
+        username=username,
+        config=paths,
+        known_hosts=known_hosts,
+        client_keys=client_keys,
+        connect_timeout=s.connect_timeout,
+        keepalive_interval=s.keepalive_interval,
+    )
+
+
+def _host_key_reason(plan: ConnectPlan) -> str:
+    """Tell an unknown host from a changed key, by looking the host up in known_hosts."""
+    path = plan.known_hosts or "known_hosts"
+    known = False
+    try:
+        kh = asyncssh.read_known_hosts(path)
+        port = plan.port if isinstance(plan.port, int) and plan.port != 22 else None
+        match = kh.match(plan.address, plan.address, port)
+        known = bool(match[0] or match[1])
+    except (OSError, ValueError, asyncssh.Error):
+        pass
+    if known:
+        return (
+            f"host key for {plan.address} does not match known_hosts ({path}): refusing to "
+            "connect (if the host was reinstalled, verify its new key and replace the old one)"
+        )
+    return (
+        f"host key for {plan.address} is not in known_hosts ({path}): refusing to connect to an "
+        "unknown host (verify its key and add it, e.g. from ssh-keyscan)"
+    )
+
+
+async def open_connection(target: SSHTarget) -> SSHClientConnection:
+    """Connect and authenticate, or raise ``HostUnreachable`` saying why."""
+    plan = plan_connect(target)
+    where = plan.describe()
+    log.debug("%s: connecting to %s", target.host, where)
+    try:
+        conn = await asyncssh.connect(
+            plan.address,
+            port=plan.port,
+            username=plan.username,
+            config=plan.config,
+            known_hosts=plan.known_hosts,
+            client_keys=plan.client_keys,
+            connect_timeout=plan.connect_timeout,
+            keepalive_interval=plan.keepalive_interval,
+            keepalive_count_max=3,
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        raise HostUnreachable(target.host, _host_key_reason(plan), temporary=False) from None
+    except asyncssh.PermissionDenied:
+        keys = ", ".join(plan.client_keys) if plan.client_keys else "ssh-agent and default keys"
+        raise HostUnreachable(
+            target.host,
+            f"permission denied (publickey) for {where} (tried {keys})",
+            temporary=False,
+        ) from None
+    except asyncssh.DisconnectError as e:
+        raise HostUnreachable(target.host, f"ssh to {where} failed: {e.reason}") from None
+    except TimeoutError:
+        raise HostUnreachable(
+            target.host, f"connection to {where} timed out after {plan.connect_timeout:g}s"
+        ) from None
+    except OSError as e:
+        if isinstance(e, socket.gaierror):
+            why = f"cannot resolve {plan.address}: {e.strerror}"
+        else:
+            why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
+        raise HostUnreachable(target.host, f"cannot connect to {where}: {why}") from None
+    except (ValueError, asyncssh.KeyImportError) as e:
+        raise HostUnreachable(
+            target.host, f"bad ssh settings for {where}: {e}", temporary=False
+        ) from None
+    return conn
+
+
+class SSHHost:
+    """The one SSH connection to a host: opened on first use, shared, counted, closable."""
+
+    def __init__(self, target: SSHTarget, *, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+        self.target = target
+        self.host = target.host
+        self.stats = HostStats()
+        self.sessions = asyncio.Semaphore(max_sessions)
+        self._conn: SSHClientConnection | None = None
+        self._attempt: asyncio.Future[SSHClientConnection] | None = None
+        self._failed: HostUnreachable | None = None
+
+    async def connection(self) -> SSHClientConnection:
+        """The open connection; connects on first use. Concurrent callers share one attempt
+        and its outcome; a permanent failure (host key, auth, settings) is remembered for the
+        run, a temporary one (network) is retried by the next caller."""
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        if self._failed is not None:
+            raise self._failed
+        if self._attempt is None:
+            self._attempt = asyncio.ensure_future(self._connect())
+            # the outcome is always retrieved, even if every waiter was cancelled
+            self._attempt.add_done_callback(lambda f: f.cancelled() or f.exception())
+        attempt = self._attempt
+        try:
+            return await asyncio.shield(attempt)
+        finally:
+            if self._attempt is attempt and attempt.done():
+                self._attempt = None
+
+    async def _connect(self) -> SSHClientConnection:
+        start = time.perf_counter()
+        try:
+            conn = await open_connection(self.target)
+        except HostUnreachable as e:
+            if not e.temporary:
+                self._failed = e
+            log.debug("%s: connect failed: %s", self.host, e.reason)
+            raise
+        self.stats.connections += 1
+        self.stats.connect_seconds += time.perf_counter() - start
+        log.debug(
+            "%s: connected to %s in %.3fs",
+            self.host,
+            self.target.address,
+            time.perf_counter() - start,
+        )
+        self._conn = conn
+        return conn
+
+    def lost(self, conn: SSHClientConnection, why: BaseException | str) -> HostUnreachable:
+        """Forget a broken connection (the next use reconnects); the error to raise."""
+        if self._conn is conn:
+            self._conn = None
+        return HostUnreachable(self.host, f"connection to {self.target.address} lost: {why}")
+
+    async def close(self) -> None:
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None and not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HostUnreachable):
+                await attempt
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()
+
+
+# --- the shell ---------------------------------------------------------------------------------
+
+
+def _status(proc: asyncssh.SSHCompletedProcess) -> int:
+    if proc.exit_status is not None and proc.exit_status >= 0:
+        return proc.exit_status
+    return 255  # killed by a signal or no status sent, as OpenSSH's client reports it
+
+
+def _as_bytes(data: object) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, bytes):
+        return data
+    return str(data).encode("utf-8", errors="replace")
+
+
+class SSHShell:
+    """``Shell`` over the host's shared SSH connection."""
+
+    def __init__(self, ssh: SSHHost) -> None:
+        self.ssh = ssh
+        self.host = ssh.host
+
+    @property
+    def sudo(self) -> bool:
+        return self.ssh.target.settings.sudo
+
+    async def _exec(
+        self, command: str, stdin: bytes | None, timeout: float | None
+    ) -> asyncssh.SSHCompletedProcess:
+        """One exec channel: send ``stdin`` (then EOF), collect output and exit status."""
+        conn = await self.ssh.connection()
+        async with self.ssh.sessions:
+            self.ssh.stats.channels += 1
+            try:
+                proc = await conn.create_process(command, encoding=None)
+                if stdin:
+                    proc.stdin.write(stdin)
+                proc.stdin.write_eof()
+                try:
+                    done = await proc.wait(check=False, timeout=timeout)
+                except asyncssh.TimeoutError:
+                    with contextlib.suppress(Exception):
+                        proc.send_signal("KILL")  # honoured by OpenSSH >= 7.9
+                    proc.close()
+                    raise
+                if done.exit_status is None and done.exit_signal is None:
+                    # no exit report: the channel or the connection went away under it
+                    if conn.is_closed():
+                        raise self.ssh.lost(conn, "closed while a command was running")
+                    raise TransportError(
+                        self.host,
+                        command,
+                        None,
+                        "the session ended without an exit status",
+                        temporary=True,
+                    )
+                return done
+            except asyncssh.ChannelOpenError as e:
+                raise TransportError(
+                    self.host, command, None, f"cannot open a session: {e.reason}", temporary=True
+                ) from None
+            except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError) as e:
+                raise self.ssh.lost(conn, e) from None
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult:
+        command = remote_command(argv, sudo=self.sudo)
+        start = time.perf_counter()
+        try:
+            proc = await self._exec(
+                command, input.encode("utf-8") if input is not None else None, timeout
+            )
+        except asyncssh.TimeoutError:
+            raise TransportError(
+                self.host, argv, None, f"timed out after {timeout:g}s", temporary=True
+            ) from None
+        result = CommandResult(
+            host=self.host,
+            argv=tuple(argv),
+            exit_status=_status(proc),
+            stdout=_as_bytes(proc.stdout).decode("utf-8", errors="replace"),
+            stderr=_as_bytes(proc.stderr).decode("utf-8", errors="replace"),
+        )
+        log.debug(
+            "%s: %s -> exit %d in %.3fs",
+            self.host,
+            quote_argv(argv),
+            result.exit_status,
+            time.perf_counter() - start,
+        )
+        return result.check() if check else result
+
+    async def run_many(
+        self, argvs: Sequence[Sequence[str]], *, timeout: float | None = None
+    ) -> list[CommandResult]:
+        """Run each argv in turn in ONE exec channel; one result per argv, never raises for
+        a command's non-zero exit (check each result)."""
+        if not argvs:
+            return []
+        nonce = secrets.token_hex(16)
+        script = batch_script(argvs, nonce)
+        # The script goes on stdin (no argument-length limit); every command's stdin is /dev/null.
+        command = remote_command(["sh", "-s"], sudo=self.sudo)
+        start = time.perf_counter()
+        try:
+            proc = await self._exec(command, script.encode("utf-8"), timeout)
+        except asyncssh.TimeoutError:
+            raise TransportError(
+                self.host,
+                "batch of commands",
+                None,
+                f"timed out after {timeout:g}s",
+                temporary=True,
+            ) from None
+        out = _as_bytes(proc.stdout)
+        try:
+            results = parse_batch_output(self.host, argvs, nonce, out)
+        except ParseError:
+            # The wrapper itself failed (no sh/base64/mktemp, sudo refused): say so plainly.
+            err = _as_bytes(proc.stderr).decode("utf-8", errors="replace")
+            raise TransportError(
+                self.host,
+                f"batch of {len(argvs)} commands ({quote_argv(argvs[0])} ...)",
+                _status(proc),
+                err or "batch output did not parse",
+            ) from None
+        log.debug(
+            "%s: batch of %d commands in %.3fs: exits %s",
+            self.host,
+            len(argvs),
+            time.perf_counter() - start,
+            [r.exit_status for r in results],
+        )
+        return results
