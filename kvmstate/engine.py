@@ -64,6 +64,21 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Blocked(Exception):
+    pass
+
+
+def nx_ancestors(graph: ResourceGraph, rid: ResourceId) -> set[ResourceId]:
+    out: set[ResourceId] = set()
+    todo = list(graph.dependencies(rid))
+    while todo:
+        d = todo.pop()
+        if d not in out:
+            out.add(d)
+            todo.extend(graph.dependencies(d))
+    return out
+
+
 class Engine:
     def __init__(self, graph: ResourceGraph, ctx: RunContext, config: EngineConfig | None = None):
         self.graph = graph
@@ -144,7 +159,18 @@ class Engine:
 
         results = await asyncio.gather(*(observe(rid) for rid in order))
         changes = tuple(c for c in results if c is not None)
-        return Plan(changes, errors, tuple(order), time.monotonic() - started)
+        return Plan(
+            changes, errors, tuple(order), time.monotonic() - started, self._deferred(changes)
+        )
+
+    def _deferred(self, changes: tuple[Change, ...]) -> frozenset[ResourceId]:
+        """Blocked changes with a dependency that has a pending change of its own."""
+        pending = {c.id for c in changes if not c.is_noop}
+        return frozenset(
+            c.id
+            for c in changes
+            if c.blocked and any(d in pending for d in nx_ancestors(self.graph, c.id))
+        )
 
     # --- apply ---------------------------------------------------------------------------------
     async def apply(self, plan: Plan | None = None) -> Report:
@@ -157,25 +183,32 @@ class Engine:
         for rounds in range(1, self.config.max_rounds + 1):
             if rounds > 1:
                 current = await self.plan()
-            outcomes = await self._walk(current, allowed, first_round=rounds == 1)
+                if not current.has_changes and not current.errors:
+                    break
+            failed = {rid: o for rid, o in final.items() if o.status is Status.FAILED}
+            outcomes = await self._walk(current, allowed, failed, first_round=rounds == 1)
             for rid, o in outcomes.items():
                 prev = final.get(rid)
                 if prev is not None and prev.status is Status.CHANGED and o.status is Status.OK:
                     continue  # keep "changed" from the round that did it
                 final[rid] = o
-            changed = any(o.status is Status.CHANGED for o in outcomes.values())
-            failed = any(o.status in (Status.FAILED, Status.BLOCKED) for o in outcomes.values())
-            if not changed or failed:
+            # Another round only helps when this one changed something that blocked or
+            # skipped nodes were waiting for; a failed node is not tried again.
+            if not any(o.status is Status.CHANGED for o in outcomes.values()):
                 break
-            check = await self.plan()
-            if not check.has_changes and not check.errors:
+            if not any(o.status in (Status.BLOCKED, Status.SKIPPED) for o in outcomes.values()):
                 break
         converged = all(o.status in (Status.OK, Status.CHANGED) for o in final.values())
         ordered = tuple(final[rid] for rid in self.graph.order() if rid in final)
         return Report(ordered, rounds, converged, time.monotonic() - started)
 
     async def _walk(
-        self, plan: Plan, allowed: dict[ResourceId, Action], *, first_round: bool
+        self,
+        plan: Plan,
+        allowed: dict[ResourceId, Action],
+        failed: dict[ResourceId, Outcome],
+        *,
+        first_round: bool,
     ) -> dict[ResourceId, Outcome]:
         done: dict[ResourceId, asyncio.Future[Outcome]] = {
             rid: asyncio.get_running_loop().create_future() for rid in self.graph.order()
@@ -183,6 +216,9 @@ class Engine:
         changes = {c.id: c for c in plan.changes}
 
         async def node(rid: ResourceId) -> None:
+            if rid in failed:
+                done[rid].set_result(failed[rid])
+                return
             try:
                 outcome = await self._node(rid, changes, plan, allowed, done, first_round)
             except BaseException as exc:
@@ -220,7 +256,8 @@ class Engine:
         planned = changes.get(rid)
         if planned is None or planned.is_noop:
             return Outcome(rid, Status.OK, planned)
-        if planned.blocked:
+        deps_changed = any(o.status is Status.CHANGED for o in dep_outcomes)
+        if planned.blocked and not deps_changed:
             return Outcome(rid, Status.BLOCKED, planned, error=planned.blocked)
         if (
             not first_round
@@ -241,7 +278,10 @@ class Engine:
             for sem in sems:
                 await sem.acquire()
             try:
-                change = await self._recheck(r, planned)
+                try:
+                    change = await self._recheck(r, planned)
+                except _Blocked as b:
+                    return Outcome(rid, Status.BLOCKED, planned, error=str(b))
                 if change is None:
                     return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
                 r.log.info("%s: %s", change.action.value, change.reason or "applying")
@@ -280,5 +320,5 @@ class Engine:
                 f"now {fresh.action.value}); run plan again"
             )
         if fresh.blocked:
-            raise ConflictError(f"{r.id}: now blocked: {fresh.blocked}")
+            raise _Blocked(fresh.blocked)
         return fresh

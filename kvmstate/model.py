@@ -133,6 +133,9 @@ class Plan:
     errors: Mapping[ResourceId, str] = field(default_factory=dict)
     order: tuple[ResourceId, ...] = ()
     observe_seconds: float = 0.0
+    # blocked changes whose dependencies have changes of their own in this plan: they are
+    # checked again once those are applied (a pool started on the target, say)
+    deferred: frozenset[ResourceId] = frozenset()
 
     @property
     def pending(self) -> tuple[Change, ...]:
@@ -160,6 +163,7 @@ class Plan:
             "changes": [c.as_dict() for c in self.changes],
             "errors": {str(k): v for k, v in self.errors.items()},
             "summary": self.counts(),
+            "deferred": sorted(str(d) for d in self.deferred),
             "has_changes": self.has_changes,
             "observe_seconds": round(self.observe_seconds, 3),
         }

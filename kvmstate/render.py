@@ -70,7 +70,7 @@ def problems(console: Console, found: Iterable[Problem]) -> None:
         console.print(Text(str(p), style=style), soft_wrap=True)
 
 
-def _change_lines(c: Change, *, verbose: bool = False) -> list[Text]:
+def _change_lines(c: Change, *, verbose: bool = False, deferred: bool = False) -> list[Text]:
     sym, style = SYMBOL[c.action]
     out: list[Text] = []
     if c.is_noop:
@@ -110,7 +110,14 @@ def _change_lines(c: Change, *, verbose: bool = False) -> list[Text]:
     for chk in c.checks:
         mark, cstyle = ("✓", "green") if chk.ok else ("✗", "red")
         out.append(Text(f"      {mark} {chk.name}: {chk.detail}", style=cstyle))
-    if c.blocked:
+    if c.blocked and deferred:
+        out.append(
+            Text(
+                f"      blocked now: {c.blocked} (checked again once its dependencies are applied)",
+                style="yellow",
+            )
+        )
+    elif c.blocked:
         out.append(Text(f"      blocked: {c.blocked}", style="red bold"))
     return out
 
@@ -123,7 +130,7 @@ def plan_summary(plan: Plan) -> str:
         if counts.get(a.value) or a in (Action.CREATE, Action.UPDATE, Action.DELETE)
     ]
     pending = sum(1 for c in plan.changes if c.is_noop and c.pending)
-    blocked = sum(1 for c in plan.changes if c.blocked)
+    blocked = sum(1 for c in plan.changes if c.blocked and c.id not in plan.deferred)
     text = "Plan: " + ", ".join(parts) + "."
     if pending:
         text += f" {pending} pending restart."
@@ -143,7 +150,7 @@ def plan(console: Console, p: Plan, *, title: str = "", verbose: bool = False) -
         )
         return
     for c in p.changes:
-        for line in _change_lines(c, verbose=verbose):
+        for line in _change_lines(c, verbose=verbose, deferred=c.id in p.deferred):
             console.print(line)
     for rid, err in p.errors.items():
         console.print(Text(f"  ✗ {rid}  cannot observe: {err}", style="red"))

@@ -31,6 +31,7 @@ class ToyNode:
     temporary_failures: int = 0
     apply_delay: float = 0.0
     ineffective: bool = False  # apply does nothing: never converges
+    blocked_until: str | None = None  # blocked (a failed pre-flight) until that node exists
 
 
 @dataclass
@@ -75,7 +76,11 @@ class Toy(Resource[str]):
                 return self.noop("absent as the spec says")
             return self.change(Action.DELETE, [FieldDiff("value", observed, None)])
         if observed is None:
-            return self.change(Action.CREATE, [FieldDiff("value", None, self.node.value)])
+            change = self.change(Action.CREATE, [FieldDiff("value", None, self.node.value)])
+            needs = self.node.blocked_until
+            if needs and needs not in self.world.state:
+                return change.with_blocked(f"pre-flight failed: {needs} missing")
+            return change
         if observed != self.node.value:
             return self.change(Action.UPDATE, [FieldDiff("value", observed, self.node.value)])
         return self.noop(f"value is {observed}")
@@ -304,3 +309,52 @@ def test_assume_empty_plans_everything_as_create_without_io() -> None:
     plan = run(engine(world).plan(assume_empty=True))
     assert [c.action for c in plan.changes] == [Action.CREATE] * 5
     assert [str(c.id) for c in plan.changes][:3] == ["toy:h1:a", "toy:h1:b", "toy:h1:c"]
+
+
+def test_blocked_change_is_rechecked_after_its_dependency_changes_in_the_same_run() -> None:
+    world = World({"pool": ToyNode(), "move": ToyNode(deps=("pool",), blocked_until="pool")})
+    e = engine(world)
+    plan = run(e.plan())
+    assert plan.get(rid("move")).blocked == "pre-flight failed: pool missing"  # type: ignore[union-attr]
+    assert plan.deferred == {rid("move")}
+    report = run(e.apply(plan))
+    assert report.converged, report.as_dict()
+    assert world.applied == ["pool", "move"]
+
+
+def test_blocked_change_without_pending_dependencies_stays_blocked() -> None:
+    world = World(
+        {"other": ToyNode(), "move": ToyNode(blocked_until="never")}, state={"other": "v1"}
+    )
+    e = engine(world)
+    plan = run(e.plan())
+    assert plan.deferred == frozenset()
+    report = run(e.apply(plan))
+    by_id = {o.id: o for o in report.outcomes}
+    assert by_id[rid("move")].status is Status.BLOCKED
+    assert by_id[rid("move")].error == "pre-flight failed: never missing"
+    assert world.applied == []
+
+
+def test_a_failed_node_is_not_retried_in_later_rounds() -> None:
+    world = World(
+        {
+            "bad": ToyNode(fail_apply=True),
+            "a": ToyNode(),
+            "late": ToyNode(deps=("a",), blocked_until="a"),
+        }
+    )
+    attempts: list[str] = []
+    original = Toy.apply
+
+    async def counting(self: Toy, change: Change, ctx: RunContext) -> str | None:
+        attempts.append(self.name)
+        return await original(self, change, ctx)
+
+    Toy.apply = counting  # type: ignore[method-assign]
+    try:
+        report = run(engine(world, max_rounds=3).apply())
+    finally:
+        Toy.apply = original  # type: ignore[method-assign]
+    assert attempts.count("bad") == 1
+    assert {o.id: o.status for o in report.outcomes}[rid("late")] is Status.CHANGED
