@@ -291,16 +291,25 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
             render.report(out, report)
         return EXIT_OK if report.converged else EXIT_ERROR
 
-    with _lock(loaded, args, exclusive=True):
+    with _lock(loaded, args, err, exclusive=True):
         return asyncio.run(run())
 
 
-def _lock(loaded: Any, args: argparse.Namespace, *, exclusive: bool) -> Any:
+def _lock(loaded: Any, args: argparse.Namespace, err: Any, *, exclusive: bool) -> Any:
     from kvmstate.runlock import cluster_key, local_lock
 
     key = cluster_key({n: h.address for n, h in loaded.spec.hosts.items()})
     command = f"kvmstate {args.command} {args.spec}"
-    return local_lock(key, command=command, exclusive=exclusive, timeout=args.lock_timeout)
+
+    def waiting(holder: str) -> None:
+        err.print(
+            f"waiting up to {args.lock_timeout:g}s for the run lock held by {holder}",
+            markup=False,
+        )
+
+    return local_lock(
+        key, command=command, exclusive=exclusive, timeout=args.lock_timeout, on_wait=waiting
+    )
 
 
 def drift_entries(plan: Any) -> list[dict[str, Any]]:
@@ -351,7 +360,7 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
         finally:
             await transports.close()
 
-    with _lock(loaded, args, exclusive=False):
+    with _lock(loaded, args, err, exclusive=False):
         plan = asyncio.run(run())
     ok = not plan.errors
     if args.textfile:

@@ -19,7 +19,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,7 +71,12 @@ def describe_holder(text: str) -> str:
 
 @contextlib.contextmanager
 def local_lock(
-    key: str, *, command: str, exclusive: bool = True, timeout: float = 0.0
+    key: str,
+    *,
+    command: str,
+    exclusive: bool = True,
+    timeout: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """Hold ``<state>/locks/<key>.lock`` for the block; wait up to ``timeout`` seconds."""
     directory = state_dir() / "locks"
@@ -89,16 +94,17 @@ def local_lock(
                 fcntl.flock(f, mode | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                try:
+                    holder = describe_holder(holder_path.read_text())
+                except OSError:
+                    holder = "another kvmstate run"
                 if time.monotonic() >= deadline:
-                    try:
-                        holder = holder_path.read_text()
-                    except OSError:
-                        holder = ""
                     raise LockTimeout(
-                        "the cluster's local run lock",
-                        describe_holder(holder),
-                        time.monotonic() - started,
+                        "the cluster's run lock", holder, time.monotonic() - started
                     ) from None
+                if on_wait is not None:
+                    on_wait(holder)
+                    on_wait = None
                 time.sleep(0.1)
         if exclusive:
             tmp = holder_path.with_suffix(".tmp")

@@ -1,0 +1,213 @@
+"""Issue 4 on the real lab: the seed's steps 1-8 done by `kvmstate apply`, observed by `plan`,
+on real sshd, libvirtd, btrfs and NFS (NFS-Ganesha + the lab's userspace client)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from labkit import (
+    GUEST,
+    LAB_SPEC,
+    apply,
+    cli,
+    defined_on,
+    pending,
+    plan,
+    plan_with_stats,
+    virsh,
+    wait_counter,
+)
+
+from kvmstate.lab.lab import Lab
+from kvmstate.model import Status
+
+pytestmark = pytest.mark.lab
+
+CHAIN = {
+    "subvolume:storage:images",
+    "export:storage:images",
+    "mount:kvm-1:images",
+    "mount:kvm-2:images",
+    "pool:kvm-1:images",
+    "pool:kvm-2:images",
+    "volume:kvm-1:lab-guest.qcow2",
+    "domain:lab-guest",
+}
+
+
+def test_apply_from_empty_converges_in_one_run_and_the_guest_boots(bare_lab: Lab) -> None:
+    r = cli("plan", LAB_SPEC)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert set(pending(plan(LAB_SPEC))) == CHAIN
+
+    r = cli("apply", LAB_SPEC, "--auto-approve")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Apply complete" in r.stdout
+
+    r = cli("plan", LAB_SPEC)  # no second apply needed
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No changes" in r.stdout
+
+    # what the seed did by hand is really there
+    lab = bare_lab
+    assert "images" in lab.run("storage", ["btrfs", "subvolume", "list", "/srv/btrfs"]).stdout
+    assert "subvol=images" in lab.run("storage", ["cat", "/etc/fstab"]).stdout
+    assert "/srv/images" in lab.run("storage", ["exportfs", "-v"]).stdout
+    for h in ("kvm-1", "kvm-2"):
+        mounts = lab.run(h, ["cat", "/proc/self/mounts"]).stdout
+        assert "10.77.0.10:/srv/images /var/lib/libvirt/images" in mounts
+        assert "lab-guest.qcow2" in virsh(lab, h, "vol-list", "images")
+    assert defined_on(lab) == {"kvm-1": "running"}
+    first = wait_counter(lab)
+    wait_counter(lab, above=first)  # and it keeps counting, from its disk on NFS
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Lab) -> Iterator[Lab]:
+    lab.reset()
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    wait_counter(lab)
+    yield lab
+
+
+# A change made behind kvmstate's back, the resource it must show up on, and its drift class.
+DRIFTS = {
+    "subvolume-fstab-line-removed": (
+        "storage",
+        ["sed", "-i", "/subvol=images/d", "/etc/fstab"],
+        "subvolume:storage:images",
+        "config",
+    ),
+    "export-removed-from-live-table": (
+        "storage",
+        ["exportfs", "-u", "10.77.0.0/24:/srv/images"],
+        "export:storage:images",
+        "runtime",
+    ),
+    "nfs-unmounted": (
+        "kvm-2",
+        ["umount", "/var/lib/libvirt/images"],
+        "mount:kvm-2:images",
+        "runtime",
+    ),
+    "pool-destroyed": (
+        "kvm-2",
+        ["virsh", "-c", "qemu:///system", "pool-destroy", "images"],
+        "pool:kvm-2:images",
+        "runtime",
+    ),
+    "pool-autostart-off": (
+        "kvm-2",
+        ["virsh", "-c", "qemu:///system", "pool-autostart", "images", "--disable"],
+        "pool:kvm-2:images",
+        "config",
+    ),
+    "domain-shut-off": (
+        "kvm-1",
+        ["virsh", "-c", "qemu:///system", "destroy", GUEST],
+        "domain:lab-guest",
+        "runtime",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRIFTS))
+def test_three_runs_and_drift_behind_our_back_is_seen_and_restored(
+    converged: Lab, case: str
+) -> None:
+    lab = converged
+    assert pending(plan(LAB_SPEC)) == {}  # plan says no changes
+    host, argv, rid, drift_class = DRIFTS[case]
+    lab.run(host, argv)
+    seen = pending(plan(LAB_SPEC))
+    assert rid in seen, seen
+    assert drift_class in {c for _, c in seen[rid]}, seen
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    changed = {str(o.id) for o in report.outcomes if o.status is Status.CHANGED}
+    assert rid in changed
+    assert pending(plan(LAB_SPEC)) == {}
+    assert defined_on(lab) == {"kvm-1": "running"}
+
+
+def test_volume_is_visible_from_every_host_of_the_shared_pool(converged: Lab) -> None:
+    sizes = {
+        h: virsh(converged, h, "vol-info", "--pool", "images", "lab-guest.qcow2", "--bytes")
+        for h in ("kvm-1", "kvm-2")
+    }
+    assert all("67108864" in s for s in sizes.values()), sizes
+
+
+def test_observing_the_converged_lab_opens_one_ssh_connection_per_host(converged: Lab) -> None:
+    p, stats = plan_with_stats(LAB_SPEC)
+    assert not p.has_changes
+    assert {h: s["connections"] for h, s in stats.items()} == {
+        "storage": 1,
+        "kvm-1": 1,
+        "kvm-2": 1,
+    }
+    # facts are batched: a small fixed number of exec channels per host
+    assert all(s["channels"] <= 3 for s in stats.values()), stats
+
+
+def test_unreachable_host_fails_its_branch_and_names_it(converged: Lab, tmp_path: Path) -> None:
+    spec = tmp_path / "ghost.yaml"
+    spec.write_text(
+        LAB_SPEC.read_text()
+        .replace(
+            "  kvm-2: {address: 10.77.0.12}",
+            "  kvm-2: {address: 10.77.0.12}\n"
+            "  ghost: {address: 10.77.0.99, ssh: {connect_timeout: 2s}}",
+        )
+        .replace(
+            "hosts: [kvm-1, kvm-2]\n    mountpoint", "hosts: [kvm-1, kvm-2, ghost]\n    mountpoint"
+        )
+    )
+    r = cli("apply", spec, "--auto-approve")
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "ghost" in out and "10.77.0.99" in out
+    assert "Traceback" not in out
+    # the rest of the cluster is untouched and still converged
+    assert pending(plan(LAB_SPEC)) == {}
+
+
+def test_wrong_host_key_is_refused_with_a_clear_message(converged: Lab, tmp_path: Path) -> None:
+    known = Path("/var/lib/kvmstate-lab/known_hosts").read_text().splitlines()
+    other_key = next(line for line in known if line.startswith("10.77.0.12,")).split(" ", 1)[1]
+    forged = [
+        f"10.77.0.11,kvm-1 {other_key}" if line.startswith("10.77.0.11,") else line
+        for line in known
+    ]
+    (tmp_path / "known_hosts").write_text("\n".join(forged) + "\n")
+    spec = tmp_path / "forged.yaml"
+    spec.write_text(
+        LAB_SPEC.read_text().replace(
+            "known_hosts: /var/lib/kvmstate-lab/known_hosts", f"known_hosts: {tmp_path}/known_hosts"
+        )
+    )
+    r = cli("plan", spec)
+    assert r.returncode == 1
+    assert "kvm-1" in r.stdout + r.stderr
+    assert "host key" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_permission_denied_names_the_host_and_the_key(converged: Lab, tmp_path: Path) -> None:
+    key = tmp_path / "stranger"
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    spec = tmp_path / "stranger.yaml"
+    spec.write_text(
+        LAB_SPEC.read_text().replace(
+            "identity: /var/lib/kvmstate-lab/id_ed25519", f"identity: {key}"
+        )
+    )
+    r = cli("plan", spec)
+    assert r.returncode == 1
+    assert "permission denied" in (r.stdout + r.stderr).lower()
+    assert "Traceback" not in r.stdout + r.stderr

@@ -1,0 +1,119 @@
+"""Issue 5 on the real lab: a changed `host:` live-migrates the running guest, safely."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from labkit import (
+    LAB_SPEC,
+    MIGRATED_SPEC,
+    apply,
+    cli,
+    defined_on,
+    pending,
+    plan,
+    variant,
+    virsh,
+    wait_counter,
+)
+
+from kvmstate.lab.lab import Lab
+from kvmstate.model import Action, Status
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def on_kvm1(lab: Lab) -> Iterator[Lab]:
+    lab.reset()
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    wait_counter(lab)
+    yield lab
+
+
+@pytest.fixture
+def guest_home(on_kvm1: Lab) -> Iterator[Lab]:
+    """Each test starts and ends with the guest running on kvm-1, converged."""
+    if defined_on(on_kvm1) != {"kvm-1": "running"}:
+        assert apply(LAB_SPEC).converged
+    yield on_kvm1
+    if defined_on(on_kvm1) != {"kvm-1": "running"}:
+        assert apply(LAB_SPEC).converged
+
+
+def test_placement_change_live_migrates_and_back_three_times(guest_home: Lab) -> None:
+    lab = guest_home
+    last = wait_counter(lab)
+    for _ in range(3):
+        for spec, host in ((MIGRATED_SPEC, "kvm-2"), (LAB_SPEC, "kvm-1")):
+            p = plan(spec)
+            [move] = [c for c in p.pending]
+            assert move.action is Action.MIGRATE
+            assert move.data["live"] is True
+            assert all(c.ok for c in move.checks), move.checks
+            r = cli("apply", spec, "--auto-approve")
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "migrated" in r.stdout and "downtime" in r.stdout, r.stdout
+            assert defined_on(lab) == {host: "running"}  # one host runs it, one defines it
+            assert pending(plan(spec)) == {}
+            now = wait_counter(lab, above=last)  # memory carried over: it never restarts
+            assert now > last
+            last = now
+
+
+def test_json_events_report_progress_and_the_completed_job(guest_home: Lab) -> None:
+    import json
+
+    r = cli("apply", MIGRATED_SPEC, "--auto-approve", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    done = [e for e in events if e.get("event") == "migration-done"]
+    assert len(done) == 1
+    assert done[0]["source"] == "kvm-1" and done[0]["target"] == "kvm-2"
+    assert done[0]["time_elapsed"] > 0
+    assert done[0]["downtime"] is not None
+    assert events[-1]["event"] == "report" and events[-1]["report"]["converged"]
+
+
+def test_blocked_preflight_leaves_the_domain_untouched(guest_home: Lab) -> None:
+    lab = guest_home
+    virsh(lab, "kvm-2", "pool-destroy", "images")
+    p = plan(MIGRATED_SPEC)
+    move = next(c for c in p.pending if c.id.kind == "placement")
+    assert move.blocked and "pre-flight failed" in move.blocked
+    assert any(not c.ok and "images" in c.detail for c in move.checks)
+    r = cli("apply", MIGRATED_SPEC, "--auto-approve")
+    assert r.returncode == 1
+    assert "pre-flight failed" in r.stdout + r.stderr
+    assert defined_on(lab) == {"kvm-1": "running"}
+    wait_counter(lab)
+
+
+def test_migration_timeout_aborts_and_leaves_the_guest_running_on_the_source(
+    guest_home: Lab, tmp_path: Path
+) -> None:
+    lab = guest_home
+    slow = variant(
+        tmp_path,
+        "slow",
+        lambda t: t.replace(
+            "migration: {max_downtime: 300ms, timeout: 2m}",
+            "migration: {max_downtime: 1ms, bandwidth: 1MiB, timeout: 4s}",
+        ).replace("host: kvm-1", "host: kvm-2"),
+    )
+    before = wait_counter(lab)
+    events: list[dict[str, Any]] = []
+    report = apply(slow, events=events.append)
+    [outcome] = [o for o in report.outcomes if o.id.kind == "placement"]
+    assert outcome.status is Status.FAILED
+    assert "timed out" in (outcome.error or "") and "still running on kvm-1" in (
+        outcome.error or ""
+    )
+    assert any(e.get("event") == "migration-progress" for e in events)
+    assert defined_on(lab) == {"kvm-1": "running"}
+    wait_counter(lab, above=before)
+    assert "running" in virsh(lab, "kvm-1", "domstate", "lab-guest")
