@@ -117,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--textfile", metavar="PATH", help="write Prometheus textfile metrics")
     dr.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
 
+    sh = cmd("show", "print the observed state of every resource as a table")
+    sh.add_argument("spec")
+    sh.add_argument("--json", action="store_true", help="machine-readable output")
+
+    comp = cmd("completion", "print a shell completion script (bash or zsh)")
+    comp.add_argument("shell", choices=["bash", "zsh"])
+
     g = cmd("graph", "print the resource dependency graph")
     g.add_argument("spec")
     g.add_argument("--format", choices=["text", "dot", "mermaid"], default="text")
@@ -395,6 +402,38 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_CHANGES if entries else EXIT_OK
 
 
+def cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
+    loaded = _load(args.spec)
+    graph = _graph(loaded)
+
+    async def run() -> Any:
+        engine, transports = _engine(loaded, graph, args, None)
+        try:
+            return await engine.plan()
+        finally:
+            await transports.close()
+
+    plan = asyncio.run(run())
+    if args.json:
+        rows = [c.as_dict() for c in plan.changes]
+        sys.stdout.write(
+            render.to_json(
+                {"resources": rows, "errors": {str(k): v for k, v in plan.errors.items()}}
+            )
+            + "\n"
+        )
+    else:
+        render.show(out, plan)
+    return EXIT_ERROR if plan.errors else EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace, out: Any, err: Any) -> int:
+    from kvmstate.completion import script
+
+    sys.stdout.write(script(args.shell, _parser()))
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace, out: Any, err: Any) -> int:
     graph = _graph(_load(args.spec))
     text = {"dot": graph.to_dot, "mermaid": graph.to_mermaid, "text": graph.to_text}[args.format]()
@@ -414,6 +453,8 @@ COMMANDS = {
     "plan": cmd_plan,
     "apply": cmd_apply,
     "drift": cmd_drift,
+    "show": cmd_show,
+    "completion": cmd_completion,
     "graph": cmd_graph,
     "schema": cmd_schema,
 }

@@ -275,3 +275,30 @@ class EventPrinter:
 
 def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=str)
+
+
+def show(console: Console, p: Plan) -> None:
+    """The observed state of every resource: what is there, and whether it matches."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    table.add_column("resource", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("observed")
+    for c in p.changes:
+        if c.is_noop and not c.pending:
+            table.add_row(str(c.id), Text("ok", style="green"), c.reason)
+            continue
+        if c.is_noop:
+            fields = ", ".join(d.field for d in c.pending)
+            table.add_row(str(c.id), Text("pending restart", style="yellow"), fields)
+            continue
+        classes: list[str] = sorted({d.drift for d in c.diffs})
+        state = "missing" if c.action is Action.CREATE else "/".join(classes) or c.action.value
+        detail = "; ".join(
+            f"{d.field}: {fmt_value(d.before)} (want {fmt_value(d.after)})" for d in c.diffs
+        )
+        table.add_row(str(c.id), Text(state, style="red"), detail or c.reason)
+    for rid, err in p.errors.items():
+        table.add_row(str(rid), Text("unknown", style="red bold"), err)
+    console.print(table)

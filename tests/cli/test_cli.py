@@ -113,3 +113,27 @@ def test_no_command_prints_help_and_fails() -> None:
     r = kvmstate()
     assert r.returncode == 1
     assert "validate" in r.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_scripts_name_every_command(shell: str) -> None:
+    r = kvmstate("completion", shell)
+    assert r.returncode == 0, r.stderr
+    for command in ("validate", "plan", "apply", "drift", "graph", "show", "schema"):
+        assert command in r.stdout
+    if shell == "bash":
+        check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True)
+        assert check.returncode == 0, check.stderr
+
+
+def test_every_command_has_help_with_examples() -> None:
+    for command in ("validate", "plan", "apply", "drift", "graph"):
+        r = kvmstate(command, "--help")
+        assert r.returncode == 0
+        assert "example" in r.stdout, command
+
+
+def test_no_color_output_has_no_escape_codes() -> None:
+    r = kvmstate("--no-color", "plan", SEED, "--assume-empty", env={"NO_COLOR": ""})
+    assert "\x1b[" not in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 100
