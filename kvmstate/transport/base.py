@@ -84,10 +84,14 @@ class Transports(Protocol):
     async def close(self) -> None: ...
 
 
-# A fixed script: the path is passed as "$1", never spliced into the script text.
+# A fixed script: the path is "$1", the mode for a new file "$2", and the exact byte count
+# "$3" -- never spliced into the script text. If the sender dies mid-transfer, stdin ends
+# early: the size check fails and the old file stays untouched (no half-written fstab).
 ATOMIC_WRITE_SCRIPT = (
     'set -e; d=$(dirname -- "$1"); t=$(mktemp -- "$d/.kvmstate.XXXXXX"); '
     'trap \'rm -f -- "$t"\' EXIT; cat > "$t"; '
+    'n=$(wc -c < "$t"); if [ "$n" -ne "$3" ]; then '
+    'echo "kvmstate-write: got $n of $3 bytes for $1; left it unchanged" >&2; exit 1; fi; '
     'if [ -e "$1" ]; then chmod --reference="$1" -- "$t"; chown --reference="$1" -- "$t"; '
     'else chmod "$2" -- "$t"; fi; sync -- "$t" 2>/dev/null || true; mv -f -- "$t" "$1"; trap - EXIT'
 )
@@ -106,4 +110,7 @@ async def read_file(shell: Shell, path: str) -> str | None:
 
 async def write_file(shell: Shell, path: str, content: str, mode: str = "0644") -> None:
     """Write atomically (temp file in the same directory, then rename): never half-written."""
-    await shell.run(["sh", "-c", ATOMIC_WRITE_SCRIPT, "kvmstate-write", path, mode], input=content)
+    size = str(len(content.encode("utf-8")))
+    await shell.run(
+        ["sh", "-c", ATOMIC_WRITE_SCRIPT, "kvmstate-write", path, mode, size], input=content
+    )

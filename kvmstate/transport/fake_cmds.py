@@ -78,7 +78,11 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             if text is None:
                 raise Fail(f"cat: {path}: No such file or directory")
             return text
-        case ("sh", "-c", script, "kvmstate-write", path, mode) if script == ATOMIC_WRITE_SCRIPT:
+        case ("sh", "-c", script, "kvmstate-write", path, mode, size) if (
+            script == ATOMIC_WRITE_SCRIPT
+        ):
+            if len((input or "").encode()) != int(size):
+                raise Fail(f"kvmstate-write: short input for {path}; left it unchanged")
             if not h.is_dir(_parent(path)):
                 raise Fail(f"mktemp: failed to create file via template '{path}': No such dir")
             fh, p = h.resolve(path)
