@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-unit test-lab lint bench lab-up lab-down demo clean
+.PHONY: install test test-unit test-lab test-faults lint bench lab-up lab-down demo clean
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
@@ -25,6 +25,10 @@ test-unit: $(STAMP)
 
 test-lab: $(STAMP)
 	$(BIN)/pytest -q -m lab
+
+# The fault suite alone (it is part of `make test` too).
+test-faults: $(STAMP)
+	$(BIN)/pytest -q tests/faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvmstate tests bench

@@ -4,6 +4,7 @@ directly (virsh, cat, mount) to check what it did."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from kvmstate.resources import KINDS
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.transport.real import RealTransports
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 LAB_SPEC = ROOT / "specs" / "lab.yaml"
 MIGRATED_SPEC = ROOT / "specs" / "lab-migrated.yaml"
 GUEST = "lab-guest"
@@ -118,3 +119,112 @@ def variant(tmp_path: Path, name: str, edit: Callable[[str], str], base: Path = 
     out = tmp_path / f"{name}.yaml"
     out.write_text(new)
     return out
+
+
+# --- faults: stop and restart lab daemons by PID ------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+COMM = {"ganesha": "ganesha.nfsd"}
+
+
+def daemon_processes(lab: Lab, name: str, host: str) -> list[int]:
+    """PIDs of the processes of the lab's daemon ``name`` on ``host`` (the lab runs libvirtd
+    and sshd under a small reaper process: its children of the same command count)."""
+    comm = COMM.get(name, name)
+    found: list[int] = []
+    for d in lab.pids.load():
+        if d.name != name or d.host != host:
+            continue
+        todo = [d.pid]
+        while todo:
+            pid = todo.pop()
+            if _comm(pid) == comm:
+                found.append(pid)
+            todo += _children(pid)
+    return found
+
+
+def kill_daemon(lab: Lab, name: str, host: str) -> list[int]:
+    """SIGKILL every process of the lab's daemon ``name`` on ``host`` (sshd: the listener and
+    every session); what it started (QEMU, NFS clients) keeps running."""
+    import signal
+
+    name_comm = COMM.get(name, name)
+    pids = daemon_processes(lab, name, host)
+    assert pids, f"no {name} on {host}"
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") and _comm(p) == name_comm for p in pids):
+        assert time.monotonic() < deadline, f"{name} on {host} did not die"
+        for p in pids:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(p, os.WNOHANG)
+        time.sleep(0.05)
+    return pids
+
+
+def restart_daemon(lab: Lab, name: str, host: str) -> None:
+    """Start the lab's ``libvirtd`` or ``sshd`` on ``host`` again and wait until it answers."""
+    from kvmstate.lab import hosts as lab_hosts
+    from kvmstate.lab.netns import host_argv
+    from kvmstate.lab.proc import spawn
+
+    cfg = lab.cfg
+    h = cfg.host(host)
+    if name == "sshd":
+        proc = lab_hosts.start_sshd(cfg, h, lab.pids)
+        lab_hosts.wait_sshd(cfg, h, proc)
+    elif name == "libvirtd":
+        argv = ["/usr/sbin/libvirtd", "-f", "/etc/libvirt/libvirtd.conf"]
+        proc = spawn(
+            lab.pids,
+            "libvirtd",
+            h.name,
+            lab_hosts.reaped(host_argv(h, argv)),
+            cfg.log_dir / f"{h.name}-libvirtd.log",
+            env=lab_hosts.HOST_ENV,
+        )
+        lab_hosts.wait_libvirt(cfg, h, proc)
+    elif name == "ganesha":
+        from kvmstate.lab import nfsserver
+
+        for rpc in daemon_processes(lab, "rpcbind", host):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rpc, 9)
+        proc = nfsserver.start(cfg, h, lab.pids)
+        nfsserver.wait_ready(h, proc)
+    else:
+        raise ValueError(name)
+
+
+def running_on(lab: Lab, domain: str = GUEST) -> list[str]:
+    return [h for h, state in defined_on(lab, domain).items() if state == "running"]
+
+
+def file_sha(lab: Lab, host: str, path: str) -> str:
+    return lab.run(host, ["sha256sum", path]).stdout.split()[0]

@@ -1,0 +1,315 @@
+"""Issue 7's fault suite, on the real lab. Each case ends with the same checks: the guest runs
+on exactly one host and is defined on exactly one host, no disk lost (its counter keeps
+counting where it runs), config files whole, and the next apply converges."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from labkit import (
+    LAB_SPEC,
+    MIGRATED_SPEC,
+    ROOT,
+    apply,
+    cli,
+    defined_on,
+    file_sha,
+    kill_daemon,
+    pending,
+    plan,
+    restart_daemon,
+    running_on,
+    variant,
+    virsh,
+    wait_counter,
+)
+
+from kvmstate.lab.lab import Lab
+
+pytestmark = pytest.mark.lab
+
+
+def apply_until(
+    spec: Path,
+    trigger: Callable[[dict[str, Any]], bool],
+    action: Callable[[], None],
+    extra: tuple[str, ...] = (),
+    timeout: float = 300,
+) -> tuple[int, list[dict[str, Any]], str]:
+    """Run `kvmstate apply --json`; call ``action`` once, at the first event ``trigger`` likes.
+    Returns exit code, events, stderr."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvmstate.cli",
+            "apply",
+            str(spec),
+            "--auto-approve",
+            "--json",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "1"},
+        stdin=subprocess.DEVNULL,
+    )
+    events: list[dict[str, Any]] = []
+    fired = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        events.append(event)
+        if not fired and trigger(event):
+            fired = True
+            action()
+    code = proc.wait(timeout=timeout)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert fired, f"trigger never fired; events: {events}; stderr: {err}"
+    return code, events, err
+
+
+def is_event(kind: str, rid: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("event") == kind and (rid is None or e.get("id") == rid)
+
+
+def assert_one_guest(lab: Lab, host: str | None = None) -> None:
+    where = defined_on(lab)
+    assert len(where) == 1, where
+    assert running_on(lab) == list(where), where
+    if host:
+        assert list(where) == [host], where
+
+
+def fstab_whole(lab: Lab, host: str) -> None:
+    """Every line of fstab is a comment or has the six fields: never half a line."""
+    for line in lab.run(host, ["cat", "/etc/fstab"]).stdout.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert len(line.split()) == 6, line
+
+
+@pytest.fixture
+def fresh(lab: Lab) -> Iterator[Lab]:
+    lab.reset()
+    yield lab
+    # whatever a case broke, the lab's daemons are back for the next one
+    for host in ("kvm-1", "kvm-2", "storage"):
+        if host != "storage" and not _alive(lab, "libvirtd", host):
+            restart_daemon(lab, "libvirtd", host)
+        if not _alive(lab, "sshd", host):
+            restart_daemon(lab, "sshd", host)
+    if not _alive(lab, "ganesha", "storage"):
+        restart_daemon(lab, "ganesha", "storage")
+
+
+def _alive(lab: Lab, name: str, host: str) -> bool:
+    from labkit import daemon_processes
+
+    return bool(daemon_processes(lab, name, host))
+
+
+@pytest.fixture
+def converged(fresh: Lab) -> Lab:
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    wait_counter(fresh)
+    return fresh
+
+
+@pytest.mark.parametrize("when", ["before", "during", "after"])
+def test_sshd_of_a_kvm_host_killed_around_its_mount_step(fresh: Lab, when: str) -> None:
+    lab = fresh
+    if when == "before":
+        kill_daemon(lab, "sshd", "kvm-2")
+        r = cli("apply", LAB_SPEC, "--auto-approve")
+        code, out = r.returncode, r.stdout + r.stderr
+    else:
+        kind = "apply-start" if when == "during" else "apply-done"
+        code, events, err = apply_until(
+            LAB_SPEC,
+            is_event(kind, "mount:kvm-2:images"),
+            lambda: kill_daemon(lab, "sshd", "kvm-2"),
+        )
+        out = json.dumps(events) + err
+    assert code == 1
+    assert "kvm-2" in out
+    assert "Traceback" not in out
+    # the rest of the cluster converged: the guest runs on kvm-1, on the shared pool
+    assert_one_guest(lab, "kvm-1")
+    restart_daemon(lab, "sshd", "kvm-2")
+    fstab_whole(lab, "kvm-2")
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    assert pending(plan(LAB_SPEC)) == {}
+    wait_counter(lab)
+
+
+def slow(tmp_path: Path, target: str = "kvm-2", timeout: str = "2m") -> Path:
+    return variant(
+        tmp_path,
+        f"slow-{target}",
+        lambda t: t.replace(
+            "migration: {max_downtime: 300ms, timeout: 2m}",
+            f"migration: {{max_downtime: 1ms, bandwidth: 2MiB, timeout: {timeout}}}",
+        ).replace("host: kvm-1", f"host: {target}"),
+    )
+
+
+@pytest.mark.parametrize("victim", ["kvm-2", "kvm-1"], ids=["target", "source"])
+def test_libvirtd_killed_during_a_migration(converged: Lab, tmp_path: Path, victim: str) -> None:
+    lab = converged
+    before = wait_counter(lab)
+    code, _events, err = apply_until(
+        slow(tmp_path),
+        is_event("migration-progress"),
+        lambda: kill_daemon(lab, "libvirtd", victim),
+    )
+    assert code == 1, err
+    restart_daemon(lab, "libvirtd", victim)
+    _settle(lab)
+    assert_one_guest(lab)
+    wait_counter(lab, above=before)
+    report = apply(LAB_SPEC)  # and the next apply converges, guest back home on kvm-1
+    assert report.converged, [o.as_dict() for o in report.failed]
+    assert_one_guest(lab, "kvm-1")
+
+
+def _settle(lab: Lab, timeout: float = 30) -> None:
+    """After a daemon restart libvirt cleans up a half-done incoming migration by itself:
+    wait until the guest is defined on one host only."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(defined_on(lab)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def test_kvmstate_killed_during_a_migration_resumes_on_the_next_apply(
+    converged: Lab, tmp_path: Path
+) -> None:
+    lab = converged
+    before = wait_counter(lab)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvmstate.cli",
+            "apply",
+            str(slow(tmp_path)),
+            "--auto-approve",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if '"migration-progress"' in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    _settle(lab)
+    assert_one_guest(lab)
+    wait_counter(lab, above=before)
+    r = cli("apply", MIGRATED_SPEC, "--auto-approve")  # it looks where the guest really is
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_one_guest(lab, "kvm-2")
+    assert apply(LAB_SPEC).converged
+    assert_one_guest(lab, "kvm-1")
+
+
+def test_kvmstate_killed_during_a_config_write_leaves_whole_files(fresh: Lab) -> None:
+    lab = fresh
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmstate.cli", "apply", str(LAB_SPEC), "--auto-approve", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if '"apply-start"' in line and "export:storage:images" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    fstab_whole(lab, "storage")
+    exports = lab.run("storage", ["cat", "/etc/exports"]).stdout
+    for line in exports.splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert line.rstrip().endswith(")"), exports
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    assert_one_guest(lab, "kvm-1")
+
+
+def test_the_nfs_server_stopped_nothing_is_unmounted_or_redefined(converged: Lab) -> None:
+    lab = converged
+    fstabs = {h: lab.run(h, ["cat", "/etc/fstab"]).stdout for h in ("kvm-1", "kvm-2")}
+    kill_daemon(lab, "ganesha", "storage")
+    try:
+        r = cli("apply", LAB_SPEC, "--auto-approve", timeout=600)
+        out = r.stdout + r.stderr
+        assert "Traceback" not in out
+        for h in ("kvm-1", "kvm-2"):
+            mounts = lab.run(h, ["cat", "/proc/self/mounts"]).stdout
+            assert "10.77.0.10:/srv/images /var/lib/libvirt/images" in mounts, h
+            assert lab.run(h, ["cat", "/etc/fstab"]).stdout == fstabs[h]
+            assert "images" in virsh(lab, h, "pool-list", "--all", "--name")
+        assert len(defined_on(lab)) == 1
+    finally:
+        restart_daemon(lab, "ganesha", "storage")
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    assert_one_guest(lab, "kvm-1")
+    wait_counter(lab)
+
+
+def test_disk_full_on_the_storage_host_while_creating_a_volume(fresh: Lab, tmp_path: Path) -> None:
+    lab = fresh
+    stopped = variant(tmp_path, "stopped", lambda t: t.replace("state: running", "state: shut-off"))
+    assert apply(stopped).converged
+    disk = "/var/lib/libvirt/images/lab-guest.qcow2"
+    sha = file_sha(lab, "kvm-1", disk)
+    lab.run(
+        "storage", ["sh", "-c", "dd if=/dev/zero of=/srv/images/filler bs=1M || true"], timeout=300
+    )
+    bigger = variant(
+        tmp_path,
+        "second-volume",
+        lambda t: t.replace(
+            "  lab-guest.qcow2: {pool: images, format: qcow2, capacity: 64MiB}",
+            "  lab-guest.qcow2: {pool: images, format: qcow2, capacity: 64MiB}\n"
+            "  extra.qcow2: {pool: images, format: qcow2, capacity: 64MiB}",
+        ),
+        base=stopped,
+    )
+    try:
+        report = apply(bigger)
+        assert not report.converged
+        [vol] = [o for o in report.outcomes if o.id.name == "extra.qcow2"]
+        assert vol.error and ("space" in vol.error.lower() or "quota" in vol.error.lower()), vol
+        assert file_sha(lab, "kvm-1", disk) == sha  # the existing disk is intact
+        assert defined_on(lab) == {"kvm-1": "shut off"}
+    finally:
+        lab.run("storage", ["rm", "-f", "/srv/images/filler"])
+    report = apply(bigger)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    assert file_sha(lab, "kvm-1", disk) == sha
