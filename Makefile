@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,lab,bench]'
 	$(PY) -m bench
 
 lab-up: $(STAMP)
