@@ -141,9 +141,14 @@ def _version() -> str:
 
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    from rich.logging import RichHandler
+    handler: logging.Handler
+    if verbosity == 0:  # warnings only: a plain handler, no rich import on the hot path
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    else:
+        from rich.logging import RichHandler
 
-    handler = RichHandler(console=render.make_console(stderr=True), show_path=False)
+        handler = RichHandler(console=render.make_console(stderr=True), show_path=False)
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
     if verbosity < 3:
         logging.getLogger("asyncssh").setLevel(max(level, logging.WARNING))
@@ -184,6 +189,15 @@ def cmd_validate(args: argparse.Namespace, out: Any, err: Any) -> int:
         f"{', ' + str(len(loaded.warnings)) + ' warnings' if loaded.warnings else ''})"
     )
     return EXIT_OK
+
+
+def _observing(err: Any, hosts: int) -> Any:
+    """A spinner while observing, only when a person watches (not from cron or a pipe)."""
+    import contextlib
+
+    if not err.is_terminal:
+        return contextlib.nullcontext()
+    return err.status(f"observing {hosts} hosts…", spinner="dots")
 
 
 def _engine(loaded: Any, graph: Any, args: argparse.Namespace, events: Any) -> tuple[Any, Any]:
@@ -228,7 +242,7 @@ def cmd_plan(args: argparse.Namespace, out: Any, err: Any) -> int:
         if args.assume_empty:
             return await engine.plan(assume_empty=True)
         try:
-            with err.status(f"observing {len(loaded.spec.hosts)} hosts…", spinner="dots"):
+            with _observing(err, len(loaded.spec.hosts)):
                 return await engine.plan()
         finally:
             await transports.close()
@@ -268,7 +282,7 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
             if args.json:
                 plan = await engine.plan()
             else:
-                with err.status(f"observing {len(loaded.spec.hosts)} hosts…", spinner="dots"):
+                with _observing(err, len(loaded.spec.hosts)):
                     plan = await engine.plan()
             if plan.errors and not args.json:
                 render.plan(out, plan, title=f"kvmstate apply {args.spec}")

@@ -127,6 +127,13 @@ class Engine:
             empty = tuple(self._gate(self.graph[rid].diff(None)) for rid in order)
             return Plan(empty, {}, tuple(order), 0.0)
 
+        self.ctx.memo_enabled = True
+        try:
+            return await self._observe_all(order, started)
+        finally:
+            self.ctx.end_memo()
+
+    async def _observe_all(self, order: list[ResourceId], started: float) -> Plan:
         by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
         for rid in order:
             for host, fact in self.graph[rid].facts():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -24,6 +24,7 @@ from kvmstate.spec import Spec
 from kvmstate.transport.base import Libvirt, Shell, Transports
 
 ObsT = TypeVar("ObsT")
+T = TypeVar("T")
 
 Event = Mapping[str, Any]
 
@@ -54,6 +55,8 @@ class RunContext:
         self._events = events
         self._facts: dict[str, FactCache] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._memo: dict[tuple[str, Hashable], asyncio.Future[Any]] = {}
+        self.memo_enabled = False
 
     def shell(self, host: str) -> Shell:
         return self.transports.shell(host)
@@ -70,6 +73,24 @@ class RunContext:
     def invalidate(self, host: str) -> None:
         if host in self._facts:
             self._facts[host].invalidate()
+        for key in [k for k in self._memo if k[0] == host]:
+            del self._memo[key]
+
+    async def memo(self, host: str, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        """Share one read between resources during a plan (the domain and its placement both
+        look the domain up on every host). Outside a plan, or after ``invalidate(host)``,
+        every call reads again."""
+        if not self.memo_enabled:
+            return await fn()
+        fut = self._memo.get((host, key))
+        if fut is None:
+            fut = self._memo[(host, key)] = asyncio.ensure_future(fn())
+        result: T = await asyncio.shield(fut)
+        return result
+
+    def end_memo(self) -> None:
+        self.memo_enabled = False
+        self._memo.clear()
 
     def semaphore(self, key: str, limit: int) -> asyncio.Semaphore:
         sem = self._semaphores.get(key)

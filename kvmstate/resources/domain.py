@@ -52,8 +52,11 @@ async def locate(ctx: RunContext, name: str, hosts: Iterable[str]) -> dict[str, 
     hosts = list(hosts)
 
     async def one(h: str) -> virt.DomainState | None:
-        lv = ctx.libvirt(h)
-        return await lv.run(virt.observe_domain, await lv.connect(), name)
+        async def read() -> virt.DomainState | None:
+            lv = ctx.libvirt(h)
+            return await lv.run(virt.observe_domain, await lv.connect(), name)
+
+        return await ctx.memo(h, ("domain", name), read)
 
     found = await asyncio.gather(*(one(h) for h in hosts))
     return {h: st for h, st in zip(hosts, found, strict=True) if st is not None}
