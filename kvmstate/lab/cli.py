@@ -1,0 +1,144 @@
+"""``kvmstate lab ...``: the local multi-host KVM lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kvmstate.lab.config import DEFAULT_DIR
+from kvmstate.lab.proc import LabError
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmstate lab",
+        description="A real multi-host KVM cluster on this machine (namespaces, sshd, "
+        "libvirtd, btrfs, NFS), for trying specs and for the real tests.",
+    )
+    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"lab directory ({DEFAULT_DIR})")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="bring the lab up (tears down a previous/crashed one first)")
+    up.add_argument("--kvm-hosts", type=int, default=2, metavar="N", help="KVM hosts (>= 2)")
+    up.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
+    for name, text in (
+        ("down", "stop everything the lab started"),
+        ("install", "install Debian packages and the guest kernel + initramfs"),
+        ("selftest", "check SSH, libvirt, NFS and a live migration on the running lab"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
+    st = sub.add_parser("status", help="show the lab's hosts and daemons")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
+    sh = sub.add_parser("shell", help="run CMD (or a shell) inside a lab host, as ssh would")
+    sh.add_argument("host")
+    sh.add_argument("cmd", nargs=argparse.REMAINDER)
+    gc = sub.add_parser("guest-counter", help="print a lab guest's latest counter value")
+    gc.add_argument("domain")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    try:
+        return _dispatch(args, console)
+    except LabError as exc:
+        err.print(f"[bold red]kvmstate lab {args.command}:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise LabError("must run as root (the lab uses namespaces, mounts and loop devices)")
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    from kvmstate.lab.lab import Lab
+
+    cmd = args.command
+    if cmd == "status" and args.json:
+        lab = Lab(args.dir)
+        print(json.dumps(lab.status(), indent=2))
+        return 0
+    _require_root(cmd)
+    if cmd == "install":
+        from kvmstate.lab.install import install
+
+        install(Lab(args.dir).cfg)
+        console.print("[green]lab install: done[/]")
+        return 0
+    if cmd == "up":
+        lab = Lab(args.dir, kvm_hosts=args.kvm_hosts)
+        elapsed = lab.up()
+        console.print(f"[green]lab up[/] in {elapsed:.1f} s: spec {lab.cfg.spec}")
+        _print_status(console, lab.status())
+        return 0
+    lab = Lab(args.dir)
+    if cmd == "down":
+        elapsed = lab.down()
+        console.print(f"[green]lab down[/] in {elapsed:.1f} s")
+        return 0
+    if cmd == "status":
+        _print_status(console, lab.status())
+        return 0
+    if cmd == "shell":
+        h = lab.host(args.host)
+        from kvmstate.lab.hosts import HOST_ENV
+        from kvmstate.lab.netns import host_argv
+
+        argv = args.cmd or ["/bin/bash", "-l"]
+        if args.cmd and len(args.cmd) == 1 and " " in args.cmd[0]:
+            argv = ["/bin/sh", "-c", args.cmd[0]]  # one string: like `ssh HOST 'a b'`
+        if not h.netns_path.exists():
+            raise LabError(f"lab host {h.name} is not up (run `kvmstate lab up`)")
+        full = host_argv(h, argv, wd="/root")
+        os.execvpe(full[0], full, {**os.environ, **HOST_ENV})  # noqa: S606 (argv list)
+    if cmd == "selftest":
+        from kvmstate.lab.selftest import selftest
+
+        result = selftest(lab, console=console)
+        return 0 if result.ok else 1
+    if cmd == "guest-counter":
+        print(lab.guest_counter(args.domain))
+        return 0
+    raise LabError(f"unknown command {cmd}")
+
+
+def _print_status(console: Console, status: dict[str, object]) -> None:
+    table = Table(title=f"kvmstate lab in {status['dir']}: {'up' if status['up'] else 'down'}")
+    table.add_column("host")
+    table.add_column("role")
+    table.add_column("address")
+    table.add_column("daemons")
+    hosts = status["hosts"]
+    assert isinstance(hosts, list)
+    for h in hosts:
+        daemons = ", ".join(
+            f"{d['name']}({d['pid']}{'' if d['alive'] else ' dead'})" for d in h["daemons"]
+        )
+        table.add_row(h["name"], h["role"], h["address"], daemons or "-")
+    console.print(table)
+    console.print(f"spec: {status['spec']}  ssh: ssh -F {status['ssh_config']} HOST")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""The lab's only libvirt-python importer: connections to the lab hosts' libvirtd."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _libvirt() -> Any:
+    import libvirt
+
+    # libvirt prints every error to stderr by default; errors are raised as exceptions anyway.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+@contextlib.contextmanager
+def connect(uri: str) -> Iterator[Any]:
+    libvirt = _libvirt()
+    conn = libvirt.open(uri)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def lookup_domain(conn: Any, name: str) -> Any | None:
+    libvirt = _libvirt()
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def clear_domains(conn: Any) -> list[str]:
+    """Destroy and undefine every domain on ``conn``; returns their names."""
+    libvirt = _libvirt()
+    names = []
+    for dom in conn.listAllDomains(0):
+        names.append(dom.name())
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isPersistent():
+                flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                try:
+                    dom.undefineFlags(flags)
+                except libvirt.libvirtError:
+                    dom.undefine()
+    return names
+
+
+def clear_pools(conn: Any) -> list[str]:
+    """Stop and undefine every storage pool on ``conn`` (volumes' files are left alone)."""
+    libvirt = _libvirt()
+    names = []
+    for pool in conn.listAllStoragePools(0):
+        names.append(pool.name())
+        with contextlib.suppress(libvirt.libvirtError):
+            if pool.isActive():
+                pool.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.undefine()
+    return names
+
+
+def running_domains(conn: Any) -> list[str]:
+    return [d.name() for d in conn.listAllDomains(1)]  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
