@@ -258,12 +258,32 @@ class Engine:
                     cause=cause,
                     error=f"skipped: {cause} did not converge",
                 )
+        # Anything upstream changed in this run (not only direct dependencies: an export
+        # restored under a mount, a pool and then a volume)?
+        deps_changed = any(
+            done[a].result().status is Status.CHANGED for a in nx_ancestors(self.graph, rid)
+        )
         if rid in plan.errors:
-            return Outcome(rid, Status.FAILED, error=plan.errors[rid])
+            if not deps_changed:
+                return Outcome(rid, Status.FAILED, error=plan.errors[rid])
+            # It could not be observed at plan time, but what it stands on was just repaired
+            # (an export restored under a volume): look again.
+            try:
+                observed = await self._retry(str(rid), lambda: self.graph[rid].observe(self.ctx))
+            except Exception as exc:  # noqa: BLE001 - each node catches its own errors
+                return Outcome(rid, Status.FAILED, error=describe(exc))
+            fresh = self._gate(self.graph[rid].diff(observed))
+            if fresh.action in (Action.DELETE, Action.REPLACE, Action.MIGRATE):
+                return Outcome(
+                    rid,
+                    Status.BLOCKED,
+                    fresh,
+                    error=f"{fresh.action.value} was not in the plan; run plan again",
+                )
+            changes = {**changes, rid: fresh}
         planned = changes.get(rid)
         if planned is None or planned.is_noop:
             return Outcome(rid, Status.OK, planned)
-        deps_changed = any(o.status is Status.CHANGED for o in dep_outcomes)
         if planned.blocked and not deps_changed:
             return Outcome(rid, Status.BLOCKED, planned, error=planned.blocked)
         if (

@@ -32,6 +32,7 @@ class ToyNode:
     apply_delay: float = 0.0
     ineffective: bool = False  # apply does nothing: never converges
     blocked_until: str | None = None  # blocked (a failed pre-flight) until that node exists
+    unobservable_until: str | None = None  # observe fails until that node exists
 
 
 @dataclass
@@ -68,6 +69,9 @@ class Toy(Resource[str]):
 
     async def observe(self, ctx: RunContext) -> str | None:
         await asyncio.sleep(0)
+        needs = self.node.unobservable_until
+        if needs and needs not in self.world.state:
+            raise RuntimeError(f"stale file handle: {needs} is gone")
         return self.world.state.get(self.name)
 
     def diff(self, observed: str | None) -> Change:
@@ -358,3 +362,23 @@ def test_a_failed_node_is_not_retried_in_later_rounds() -> None:
         Toy.apply = original  # type: ignore[method-assign]
     assert attempts.count("bad") == 1
     assert {o.id: o.status for o in report.outcomes}[rid("late")] is Status.CHANGED
+
+
+def test_unobservable_node_is_observed_again_once_its_dependency_is_repaired() -> None:
+    world = World(
+        {"export": ToyNode(), "volume": ToyNode(deps=("export",), unobservable_until="export")},
+        state={"volume": "v1"},
+    )
+    e = engine(world)
+    plan = run(e.plan())
+    assert "stale file handle" in plan.errors[rid("volume")]
+    report = run(e.apply(plan))
+    assert report.converged, report.as_dict()
+    assert {o.id: o.status for o in report.outcomes}[rid("volume")] is Status.OK
+
+
+def test_unobservable_node_with_nothing_repaired_fails() -> None:
+    world = World({"volume": ToyNode(unobservable_until="export")})
+    report = run(engine(world).apply())
+    assert report.outcomes[0].status is Status.FAILED
+    assert "stale file handle" in (report.outcomes[0].error or "")

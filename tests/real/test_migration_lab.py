@@ -79,18 +79,38 @@ def test_json_events_report_progress_and_the_completed_job(guest_home: Lab) -> N
     assert events[-1]["event"] == "report" and events[-1]["report"]["converged"]
 
 
-def test_blocked_preflight_leaves_the_domain_untouched(guest_home: Lab) -> None:
+def test_blocked_preflight_leaves_the_domain_untouched(guest_home: Lab, tmp_path: Path) -> None:
+    """The target cannot hold the guest (64 GiB asked, this machine has less): the plan shows
+    the failed check, apply refuses the move and exits 1, the guest keeps running where it is.
+    (A stopped pool on the target is no block: apply starts it first, then migrates.)"""
+    lab = guest_home
+    huge = variant(
+        tmp_path,
+        "huge",
+        lambda t: t.replace("memory: 128MiB", "memory: 64GiB"),
+        base=MIGRATED_SPEC,
+    )
+    before = wait_counter(lab)
+    p = plan(huge)
+    move = next(c for c in p.pending if c.id.kind == "placement")
+    assert move.blocked and "pre-flight failed" in move.blocked
+    assert any(c.name == "memory" and not c.ok for c in move.checks), move.checks
+    r = cli("apply", huge, "--auto-approve")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "pre-flight failed" in r.stdout + r.stderr
+    assert defined_on(lab) == {"kvm-1": "running"}
+    wait_counter(lab, above=before)
+
+
+def test_stopped_pool_on_the_target_is_started_before_the_migration(guest_home: Lab) -> None:
     lab = guest_home
     virsh(lab, "kvm-2", "pool-destroy", "images")
     p = plan(MIGRATED_SPEC)
     move = next(c for c in p.pending if c.id.kind == "placement")
-    assert move.blocked and "pre-flight failed" in move.blocked
-    assert any(not c.ok and "images" in c.detail for c in move.checks)
+    assert move.id in p.deferred  # blocked now, checked again once the pool is started
     r = cli("apply", MIGRATED_SPEC, "--auto-approve")
-    assert r.returncode == 1
-    assert "pre-flight failed" in r.stdout + r.stderr
-    assert defined_on(lab) == {"kvm-1": "running"}
-    wait_counter(lab)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert defined_on(lab) == {"kvm-2": "running"}
 
 
 def test_migration_timeout_aborts_and_leaves_the_guest_running_on_the_source(
