@@ -65,8 +65,13 @@ def _parser() -> argparse.ArgumentParser:
             epilog=EPILOG.get(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sp.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
-        sp.add_argument("--no-color", action="store_true", help=argparse.SUPPRESS)
+        # also accepted after the command; SUPPRESS keeps the value given before it
+        sp.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more"
+        )
+        sp.add_argument(
+            "--no-color", action="store_true", default=argparse.SUPPRESS, help="plain output"
+        )
         return sp
 
     v = cmd("validate", "check a spec file; contacts no host")
@@ -383,7 +388,9 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
 
     with _lock(loaded, args, err, exclusive=False):
         plan = asyncio.run(run())
-    ok = not plan.errors
+    explained = explained_errors(graph, plan)
+    unexplained = {k: v for k, v in plan.errors.items() if k not in explained}
+    ok = not unexplained
     if args.textfile:
         metrics.write_textfile(
             args.textfile, metrics.render(plan, success=ok, observe_seconds=plan.observe_seconds)
@@ -394,8 +401,12 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
             render.to_json(
                 {
                     "drift": entries,
-                    "errors": {str(k): v for k, v in plan.errors.items()},
-                    "converged": ok and not entries,
+                    "errors": {str(k): v for k, v in unexplained.items()},
+                    "unobservable": {
+                        str(k): {"error": plan.errors[k], "because_of": [str(c) for c in v]}
+                        for k, v in explained.items()
+                    },
+                    "converged": not plan.errors and not entries,
                 }
             )
             + "\n"
@@ -409,11 +420,32 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
                 else f" {e['reason']}"
             )
             out.print(f"drift ({e['class']}): {e['id']} {e['action']}{field}{detail}", markup=False)
-        for rid, msg in plan.errors.items():
+        for rid, causes in explained.items():
+            out.print(
+                f"unobservable: {rid} (because of {', '.join(map(str, causes))}): "
+                f"{plan.errors[rid]}",
+                markup=False,
+            )
+        for rid, msg in unexplained.items():
             err.print(f"error: {rid}: {msg}", markup=False)
     if not ok:
         return EXIT_ERROR
-    return EXIT_CHANGES if entries else EXIT_OK
+    return EXIT_CHANGES if entries or explained else EXIT_OK
+
+
+def explained_errors(graph: Any, plan: Any) -> dict[Any, list[Any]]:
+    """Resources that could not be observed while something they stand on has drifted (a
+    volume giving 'Stale file handle' under an export removed from the live table): that is
+    drift with a known root cause, not a failure to tell."""
+    from kvmstate.engine import nx_ancestors
+
+    drifted = {c.id for c in plan.pending}
+    out: dict[Any, list[Any]] = {}
+    for rid in plan.errors:
+        causes = sorted(a for a in nx_ancestors(graph, rid) if a in drifted)
+        if causes:
+            out[rid] = causes
+    return out
 
 
 def cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:

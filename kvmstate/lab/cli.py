@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("cmd", nargs=argparse.REMAINDER)
     gc = sub.add_parser("guest-counter", help="print a lab guest's latest counter value")
     gc.add_argument("domain")
+    gc.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the guest to print a counter (it boots in ~5 s)",
+    )
     return p
 
 
@@ -118,8 +125,20 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         result = selftest(lab, console=console)
         return 0 if result.ok else 1
     if cmd == "guest-counter":
-        print(lab.guest_counter(args.domain))
-        return 0
+        import time
+
+        deadline = time.monotonic() + args.wait
+        while True:
+            try:
+                value = lab.guest_counter(args.domain)
+            except LabError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+                continue
+            host = lab.guest_host(args.domain)
+            print(f"{args.domain} on {host}: counter {value}")
+            return 0
     raise LabError(f"unknown command {cmd}")
 
 

@@ -381,6 +381,9 @@ class Lab:
         """The guest's latest counter value, from whichever KVM host runs it."""
         from kvmstate.lab import virt
 
+        if not self.is_up():
+            raise LabError(f"the lab in {self.cfg.dir} is not up (run `kvmstate lab up`)")
+
         for h in self.cfg.kvm:
             with virt.connect(self.cfg.libvirt_uri(h)) as conn:
                 dom = virt.lookup_domain(conn, domain)
@@ -394,6 +397,20 @@ class Lab:
                 raise LabError(f"{domain} runs on {h.name} but has printed no counter yet")
             return value
         raise LabError(f"domain {domain} is not running on any lab KVM host")
+
+    def guest_host(self, domain: str) -> str | None:
+        """The lab KVM host where ``domain`` runs, if any."""
+        from kvmstate.lab import virt
+
+        if not self.is_up():
+            raise LabError(f"the lab in {self.cfg.dir} is not up (run `kvmstate lab up`)")
+
+        for h in self.cfg.kvm:
+            with virt.connect(self.cfg.libvirt_uri(h)) as conn:
+                dom = virt.lookup_domain(conn, domain)
+                if dom is not None and dom.isActive():
+                    return h.name
+        return None
 
     def _counter_from_serial(self, h: HostConfig, xml: str) -> int | None:
         import xml.etree.ElementTree as ET

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvmstate import hostfacts, virt
 from kvmstate.checks import covering_mount
@@ -26,6 +26,16 @@ from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.domain import domain_hosts, locate
 from kvmstate.spec import Domain, MigrationPolicy, Spec
+
+T = TypeVar("T")
+
+
+def _log_failure(log: Any, what: str) -> Callable[[asyncio.Future[Any]], None]:
+    def done(fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.debug("%s failed: %s", what, fut.exception())
+
+    return done
 
 
 @dataclass(frozen=True)
@@ -228,20 +238,13 @@ class PlacementResource(Resource[PlacementObs]):
         task = asyncio.ensure_future(slv.run(virt.migrate, sconn, dconn, self.name, params, flags))
         loop = asyncio.get_running_loop()
         start, downtime, switched = loop.time(), None, False
+        tuning: asyncio.Future[Any] | None = None  # one policy call in flight at most
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=self.poll_interval)
                 if task.done():
                     break
                 elapsed = loop.time() - start
-                want_dt = self._downtime_at(elapsed)
-                if want_dt is not None and want_dt != downtime:
-                    with contextlib.suppress(KvmstateError):
-                        await slv.run(virt.set_max_downtime, sconn, self.name, int(want_dt * 1000))
-                        downtime = want_dt
-                stats = await slv.run(virt.job_progress, sconn, self.name)
-                if stats:
-                    ctx.emit(self._progress(stats, src, dst))
                 late = p.postcopy is not None and elapsed >= p.postcopy
                 timed_out = p.timeout is not None and elapsed >= p.timeout
                 if (
@@ -250,7 +253,7 @@ class PlacementResource(Resource[PlacementObs]):
                     and (late or (timed_out and p.on_timeout == "postcopy"))
                 ):
                     self.log.info("switching %s to post-copy after %.1fs", self.name, elapsed)
-                    await slv.run(virt.start_postcopy, sconn, self.name)
+                    await self._bounded(slv.run(virt.start_postcopy, sconn, self.name))
                     switched = True
                 elif timed_out and not switched:
                     await self._abort(slv, sconn, task)
@@ -258,6 +261,23 @@ class PlacementResource(Resource[PlacementObs]):
                         f"migration of {self.name} {src} -> {dst} timed out after "
                         f"{p.timeout:g}s; aborted, the domain is still running on {src}"
                     )
+                # Progress and policy calls must never hold up the timeout above: libvirt can
+                # make them wait for its job lock (before the migration's perform phase).
+                stats = await self._bounded(slv.run(virt.job_progress, sconn, self.name))
+                if not stats:
+                    continue  # not migrating memory yet
+                ctx.emit(self._progress(stats, src, dst))
+                want_dt = self._downtime_at(elapsed)
+                if (
+                    want_dt is not None
+                    and want_dt != downtime
+                    and (tuning is None or tuning.done())
+                ):
+                    downtime = want_dt
+                    tuning = asyncio.ensure_future(
+                        slv.run(virt.set_max_downtime, sconn, self.name, int(want_dt * 1000))
+                    )
+                    tuning.add_done_callback(_log_failure(self.log, "max downtime"))
             await task
         except asyncio.CancelledError:
             await self._abort(slv, sconn, task)
@@ -281,6 +301,19 @@ class PlacementResource(Resource[PlacementObs]):
         )
         ctx.emit(done)
 
+    async def _bounded(self, aw: Awaitable[T], seconds: float = 2.0) -> T | None:
+        """A progress or policy call, given up after ``seconds`` (its thread finishes later)."""
+        fut = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({fut}, timeout=seconds)
+        if not done:
+            fut.add_done_callback(_log_failure(self.log, "late libvirt call"))
+            return None
+        try:
+            return fut.result()
+        except KvmstateError as e:
+            self.log.debug("%s: %s", self.name, e)
+            return None
+
     def _downtime_at(self, elapsed: float) -> float | None:
         dt = self.policy.max_downtime
         for step in self.policy.downtime_steps or []:
@@ -289,10 +322,16 @@ class PlacementResource(Resource[PlacementObs]):
         return dt
 
     async def _abort(self, slv: Any, sconn: Any, task: asyncio.Future[Any]) -> None:
+        """Abort the job and wait for migrate3 to return, so the caller reports where the
+        domain really is; retried while libvirt has no abortable job yet."""
         self.log.warning("aborting migration of %s", self.name)
-        await slv.run(virt.abort_job, sconn, self.name)
+        for _ in range(20):
+            await self._bounded(slv.run(virt.abort_job, sconn, self.name), 5.0)
+            done, _ = await asyncio.wait({task}, timeout=3.0)
+            if done:
+                break
         with contextlib.suppress(BaseException):
-            await task
+            await asyncio.wait_for(asyncio.shield(task), timeout=60)
 
     def _progress(self, s: dict[str, Any], src: str, dst: str) -> dict[str, Any]:
         return {

@@ -147,7 +147,7 @@ class LocalSSHD:
                 except AssertionError:  # the channel is already gone
                     return True
 
-            while not closing():  # noqa: ASYNC110 (asyncssh has no close event here)
+            while not closing():
                 await asyncio.sleep(0.05)
             kill()
 
