@@ -359,14 +359,22 @@ def make_operations(client: NfsClient, ready_fd: int | None) -> Any:
             done = 0
             while done < len(data):
                 chunk = data[done:]
-                n = self.c.check(
-                    self.c.lib.nfs_pwrite(self.c.ctx, nfsfh, offset + done, len(chunk), chunk),
-                    "pwrite",
-                )
+                ret = self.c.lib.nfs_pwrite(self.c.ctx, nfsfh, offset + done, len(chunk), chunk)
+                if ret == -errno.EFAULT and self._full(path, len(chunk)):
+                    # libnfs 4.0 reports the server's NFS3ERR_NOSPC as -EFAULT ("pwrite call
+                    # failed"): say what it is, so qemu-img and libvirt print "No space left".
+                    raise mfusepy.FuseOSError(errno.ENOSPC)
+                n = self.c.check(ret, "pwrite")
                 if n == 0:
                     raise mfusepy.FuseOSError(errno.EIO)
                 done += n
             return done
+
+        def _full(self, path: str, need: int) -> bool:
+            sv = NfsStatvfs64()
+            if self.c.lib.nfs_statvfs64(self.c.ctx, b"/", byref(sv)) < 0:
+                return False
+            return int(sv.f_bavail) * max(int(sv.f_frsize or sv.f_bsize), 1) < need
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
             self._caller()
