@@ -122,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--textfile", metavar="PATH", help="write Prometheus textfile metrics")
     dr.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
 
+    ev = cmd("evacuate", "move every domain off a host (apply with drain: true on it)")
+    ev.add_argument("host")
+    ev.add_argument("spec")
+    ev.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
+    ev.add_argument("--json", action="store_true", help="events and the report as JSON lines")
+    ev.set_defaults(allow_destroy=False, adopt=False, max_rounds=3, lock_timeout=0.0)
+
     sh = cmd("show", "print the observed state of every resource as a table")
     sh.add_argument("spec")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
@@ -196,6 +203,24 @@ def cmd_validate(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
+def _cluster_lock(transports: Any, loaded: Any, args: argparse.Namespace, err: Any) -> Any:
+    from kvmstate.clusterlock import cluster_lock
+
+    def waiting(holder: str) -> None:
+        err.print(
+            f"waiting up to {args.lock_timeout:g}s for the run lock held by {holder}",
+            markup=False,
+        )
+
+    return cluster_lock(
+        transports,
+        loaded.spec,
+        command=f"kvmstate {args.command} {args.spec}",
+        timeout=args.lock_timeout,
+        on_wait=waiting,
+    )
+
+
 def _observing(err: Any, hosts: int) -> Any:
     """A spinner while observing, only when a person watches (not from cron or a pipe)."""
     import contextlib
@@ -268,8 +293,8 @@ def cmd_plan(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_CHANGES if plan.has_changes else EXIT_OK
 
 
-def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
-    loaded = _load(args.spec)
+def cmd_apply(args: argparse.Namespace, out: Any, err: Any, loaded: Any = None) -> int:
+    loaded = loaded or _load(args.spec)
     graph = _graph(loaded)
     if not args.auto_approve and not sys.stdin.isatty():
         err.print(
@@ -284,32 +309,37 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any) -> int:
     async def run() -> int:
         engine, transports = _engine(loaded, graph, args, printer)
         try:
-            if args.json:
-                plan = await engine.plan()
-            else:
-                with _observing(err, len(loaded.spec.hosts)):
-                    plan = await engine.plan()
-            if plan.errors and not args.json:
-                render.plan(out, plan, title=f"kvmstate apply {args.spec}")
-            if not plan.has_changes and not plan.errors:
-                if args.json:
-                    printer({"event": "report", "report": {"converged": True, "outcomes": []}})
-                else:
-                    render.plan(out, plan)
-                return EXIT_OK
-            if not args.json:
-                render.plan(out, plan, title=f"kvmstate apply {args.spec}")
-            if not args.auto_approve:
-                answer = out.input("\nApply these changes? Only 'yes' is accepted: ")
-                if answer.strip() != "yes":
-                    out.print("Apply cancelled; nothing was changed.")
-                    return EXIT_ERROR
-            report = await engine.apply(plan)
+            async with _cluster_lock(transports, loaded, args, err):
+                return await locked(engine)
         finally:
             printer.close()
             await transports.close()
+
+    async def locked(engine: Any) -> int:
+        if args.json:
+            plan = await engine.plan()
+        else:
+            with _observing(err, len(loaded.spec.hosts)):
+                plan = await engine.plan()
+        if plan.errors and not args.json:
+            render.plan(out, plan, title=f"kvmstate apply {args.spec}")
+        if not plan.has_changes and not plan.errors:
+            if args.json:
+                printer({"event": "report", "report": {"converged": True, "outcomes": []}})
+            else:
+                render.plan(out, plan)
+            return EXIT_OK
+        if not args.json:
+            render.plan(out, plan, title=f"kvmstate apply {args.spec}")
+        if not args.auto_approve:
+            answer = out.input("\nApply these changes? Only 'yes' is accepted: ")
+            if answer.strip() != "yes":
+                out.print("Apply cancelled; nothing was changed.")
+                return EXIT_ERROR
+        report = await engine.apply(plan)
         from kvmstate import journal
 
+        printer.close()
         journal.record(report, spec_path=args.spec)
         if args.json:
             printer({"event": "report", "report": report.as_dict()})
@@ -448,6 +478,36 @@ def explained_errors(graph: Any, plan: Any) -> dict[Any, list[Any]]:
     return out
 
 
+def drained(loaded: Any, host: str) -> Any:
+    """The spec with ``host`` marked ``drain: true`` (what `evacuate` applies)."""
+    import dataclasses
+
+    spec = loaded.spec
+    if host not in spec.hosts:
+        raise KvmstateError(f"{loaded.path}: no host {host!r} (hosts: {', '.join(spec.hosts)})")
+    hosts = {**spec.hosts, host: spec.hosts[host].model_copy(update={"drain": True})}
+    return dataclasses.replace(loaded, spec=spec.model_copy(update={"hosts": hosts}))
+
+
+def cmd_evacuate(args: argparse.Namespace, out: Any, err: Any) -> int:
+    loaded = drained(_load(args.spec), args.host)
+    stuck = [
+        name
+        for name, d in loaded.spec.domains.items()
+        if d.state != "absent"
+        and d.host == args.host
+        and not [h for h in d.allowed_hosts() if not loaded.spec.hosts[h].drain]
+    ]
+    for name in stuck:
+        err.print(
+            f"warning: domain {name} can only run on {args.host} (add placement.hosts to let "
+            "it move); it stays",
+            style="yellow",
+            markup=False,
+        )
+    return cmd_apply(args, out, err, loaded)
+
+
 def cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     loaded = _load(args.spec)
     graph = _graph(loaded)
@@ -499,6 +559,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "apply": cmd_apply,
     "drift": cmd_drift,
+    "evacuate": cmd_evacuate,
     "show": cmd_show,
     "completion": cmd_completion,
     "graph": cmd_graph,

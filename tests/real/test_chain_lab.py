@@ -211,3 +211,30 @@ def test_permission_denied_names_the_host_and_the_key(converged: Lab, tmp_path: 
     assert r.returncode == 1
     assert "permission denied" in (r.stdout + r.stderr).lower()
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_secrets_never_reach_logs_plans_json_or_the_journal(converged: Lab, tmp_path: Path) -> None:
+    """The lab's private key is what authenticates every run here: run every command at
+    the most verbose level and look for any line of it in what they print or record."""
+    key_lines = [
+        line
+        for line in Path("/var/lib/kvmstate-lab/id_ed25519").read_text().splitlines()
+        if line and not line.startswith("-----")
+    ]
+    assert key_lines
+    env = {"KVMSTATE_STATE_DIR": str(tmp_path)}
+    outputs = [
+        cli("-vv", "plan", LAB_SPEC, "--json", env=env),
+        cli("-vv", "drift", LAB_SPEC, "--json", env=env),
+        cli("-vv", "show", LAB_SPEC, env=env),
+        cli("-vv", "apply", LAB_SPEC, "--auto-approve", "--json", env=env),
+    ]
+    converged.run("kvm-2", ["virsh", "-c", "qemu:///system", "pool-destroy", "images"])
+    outputs.append(cli("-vv", "apply", LAB_SPEC, "--auto-approve", env=env))
+    assert outputs[-1].returncode == 0
+    texts = [o.stdout + o.stderr for o in outputs]
+    texts += [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]  # journal, locks
+    assert any("journal" in str(p) for p in tmp_path.rglob("*"))
+    for text in texts:
+        for line in key_lines:
+            assert line not in text

@@ -207,6 +207,7 @@ def test_two_concurrent_applies_one_waits_for_the_other(converged: Lab, tmp_path
         .replace("host: kvm-1", "host: kvm-2")
     )
     state = tmp_path / "state"
+    other = tmp_path / "other-machine"  # a second machine: its own local lock, same cluster
     env = {**os.environ, "KVMSTATE_STATE_DIR": str(state), "NO_COLOR": "1"}
     first = subprocess.Popen(
         [sys.executable, "-m", "kvmstate.cli", "apply", str(slow), "--auto-approve"],
@@ -230,11 +231,66 @@ def test_two_concurrent_applies_one_waits_for_the_other(converged: Lab, tmp_path
         "--auto-approve",
         "--lock-timeout",
         "120",
-        env={"KVMSTATE_STATE_DIR": str(state)},
+        env={"KVMSTATE_STATE_DIR": str(other)},
     )
     out, err = first.communicate(timeout=120)
     assert first.returncode == 1, out + err  # the slow migration timed out and was aborted
     assert second.returncode == 0, second.stdout + second.stderr
     assert "waiting up to 120s for the run lock held by `kvmstate apply" in second.stderr
+    assert "(cluster lock on storage)" in second.stderr
     assert "No changes" in second.stdout
     assert defined_on(converged) == {"kvm-1": "running"}
+
+
+HOLD_CLUSTER_LOCK = """
+import asyncio, sys
+from kvmstate.clusterlock import cluster_lock
+from kvmstate.loader import load_spec
+from kvmstate.transport.real import RealTransports
+
+async def main():
+    spec = load_spec(sys.argv[1]).spec
+    async with RealTransports(spec) as t:
+        async with cluster_lock(t, spec, command="kvmstate apply elsewhere.yaml"):
+            print("held", flush=True)
+            await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def test_cluster_lock_holder_killed_frees_the_cluster(converged: Lab, tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CLUSTER_LOCK, str(LAB_SPEC)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        r = cli(
+            "apply",
+            LAB_SPEC,
+            "--auto-approve",
+            "--lock-timeout",
+            "1",
+            env={"KVMSTATE_STATE_DIR": str(tmp_path)},
+        )
+        assert r.returncode == 1
+        assert "kvmstate apply elsewhere.yaml" in r.stderr
+        assert "cluster lock on storage" in r.stderr
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        r = cli(
+            "apply",
+            LAB_SPEC,
+            "--auto-approve",
+            "--lock-timeout",
+            "30",
+            env={"KVMSTATE_STATE_DIR": str(tmp_path)},
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

@@ -137,3 +137,21 @@ def test_migration_timeout_aborts_and_leaves_the_guest_running_on_the_source(
     assert defined_on(lab) == {"kvm-1": "running"}
     wait_counter(lab, above=before)
     assert "running" in virsh(lab, "kvm-1", "domstate", "lab-guest")
+
+
+def test_evacuate_moves_every_domain_off_a_host(guest_home: Lab, tmp_path: Path) -> None:
+    lab = guest_home
+    spec = variant(
+        tmp_path,
+        "floating",
+        lambda t: t.replace(
+            "    host: kvm-1\n", "    host: kvm-1\n    placement: {hosts: [kvm-1, kvm-2]}\n"
+        ),
+    )
+    assert pending(plan(spec)) == {}
+    r = cli("evacuate", "kvm-1", spec, "--auto-approve")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert defined_on(lab) == {"kvm-2": "running"}
+    r = cli("apply", spec, "--auto-approve")  # pinned to kvm-1 again once not draining
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert defined_on(lab) == {"kvm-1": "running"}

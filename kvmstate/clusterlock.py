@@ -1,0 +1,93 @@
+"""The cluster lock: held on one host of the cluster for the whole of an apply.
+
+The local lock (``runlock.py``) serializes runs on one machine; this one serializes runs from
+different machines. A small fixed script takes ``flock`` on ``/run/kvmstate.lock`` on the lock
+host, writes who holds it, prints ``LOCKED`` and then waits on its stdin, which is kvmstate's
+SSH channel. When kvmstate closes the channel, or dies (even SIGKILL: the TCP connection
+drops and sshd ends the session), the process exits and the kernel releases the lock. A lock
+can therefore never outlive its holder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from kvmstate.errors import KvmstateError
+from kvmstate.runlock import LockTimeout, describe_holder, holder_info
+from kvmstate.spec import Spec
+from kvmstate.transport.base import quote_argv
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "/run/kvmstate.lock"
+HOLDER_FILE = "/run/kvmstate.holder"
+
+# "$1" is the holder description (JSON); nothing from the spec is spliced into the text.
+LOCK_SCRIPT = (
+    f"exec 9>>{LOCK_FILE} || exit 3; "
+    f"if ! flock -n 9; then cat {HOLDER_FILE} 2>/dev/null; exit 75; fi; "
+    f'printf "%s\\n" "$1" > {HOLDER_FILE}; echo LOCKED; exec cat >/dev/null'
+)
+
+
+def lock_host(spec: Spec) -> str:
+    """The host that holds the cluster lock: the storage host (first export's, else first
+    subvolume's), else the first host of the spec."""
+    for section in (spec.exports, spec.subvolumes):
+        for item in section.values():
+            if item.state == "present":
+                return item.host
+    return next(iter(spec.hosts))
+
+
+@contextlib.asynccontextmanager
+async def cluster_lock(
+    transports: Any,
+    spec: Spec,
+    *,
+    command: str,
+    timeout: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> AsyncIterator[str]:
+    """Hold the cluster lock for the block; yields the lock host. Waits up to ``timeout``."""
+    host = lock_host(spec)
+    ssh = transports.ssh_host(host)
+    sudo = ("sudo", "-n", "--") if ssh.target.settings.sudo else ()
+    argv = [*sudo, "sh", "-c", LOCK_SCRIPT, "kvmstate-lock", json.dumps(holder_info(command))]
+    started = time.monotonic()
+    while True:
+        conn = await ssh.connection()
+        ssh.stats.channels += 1
+        proc = await conn.create_process(quote_argv(argv))
+        first = await proc.stdout.readline()
+        if first.strip() == "LOCKED":
+            break
+        rest = first + await proc.stdout.read()
+        done = await proc.wait(check=False)
+        if done.exit_status != 75:
+            err = (await proc.stderr.read()).strip() if proc.stderr else ""
+            raise KvmstateError(
+                f"{host}: cannot take the cluster lock {LOCK_FILE}: exit {done.exit_status} "
+                f"{err or rest.strip()}"
+            )
+        holder = f"{describe_holder(rest)} (cluster lock on {host})"
+        if time.monotonic() - started >= timeout:
+            raise LockTimeout("the cluster lock", holder, time.monotonic() - started)
+        if on_wait is not None:
+            on_wait(holder)
+            on_wait = None
+        await asyncio.sleep(1.0)
+    log.debug("cluster lock held on %s", host)
+    try:
+        yield host
+    finally:
+        proc.stdin.write_eof()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(check=False), timeout=5)
+        proc.close()
