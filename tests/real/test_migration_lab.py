@@ -38,10 +38,10 @@ def on_kvm1(lab: Lab) -> Iterator[Lab]:
 @pytest.fixture
 def guest_home(on_kvm1: Lab) -> Iterator[Lab]:
     """Each test starts and ends with the guest running on kvm-1, converged."""
-    if defined_on(on_kvm1) != {"kvm-1": "running"}:
+    if defined_on(on_kvm1) != {"kvm-1": "running"} or plan(LAB_SPEC).has_changes:
         assert apply(LAB_SPEC).converged
     yield on_kvm1
-    if defined_on(on_kvm1) != {"kvm-1": "running"}:
+    if defined_on(on_kvm1) != {"kvm-1": "running"} or plan(LAB_SPEC).has_changes:
         assert apply(LAB_SPEC).converged
 
 
@@ -148,7 +148,8 @@ def test_evacuate_moves_every_domain_off_a_host(guest_home: Lab, tmp_path: Path)
             "    host: kvm-1\n", "    host: kvm-1\n    placement: {hosts: [kvm-1, kvm-2]}\n"
         ),
     )
-    assert pending(plan(spec)) == {}
+    before = plan(spec)
+    assert not before.has_changes, [c.as_dict() for c in before.pending]
     r = cli("evacuate", "kvm-1", spec, "--auto-approve")
     assert r.returncode == 0, r.stdout + r.stderr
     assert defined_on(lab) == {"kvm-2": "running"}
