@@ -221,6 +221,19 @@ def _cluster_lock(transports: Any, loaded: Any, args: argparse.Namespace, err: A
     )
 
 
+def _observe(loaded: Any, graph: Any, args: argparse.Namespace) -> Any:
+    """Observe the whole cluster once (read-only) and return the plan."""
+
+    async def run() -> Any:
+        engine, transports = _engine(loaded, graph, args, None)
+        try:
+            return await engine.plan()
+        finally:
+            await transports.close()
+
+    return asyncio.run(run())
+
+
 def _observing(err: Any, hosts: int) -> Any:
     """A spinner while observing, only when a person watches (not from cron or a pipe)."""
     import contextlib
@@ -409,15 +422,8 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
     loaded = _load(args.spec)
     graph = _graph(loaded)
 
-    async def run() -> Any:
-        engine, transports = _engine(loaded, graph, args, None)
-        try:
-            return await engine.plan()
-        finally:
-            await transports.close()
-
     with _lock(loaded, args, err, exclusive=False):
-        plan = asyncio.run(run())
+        plan = _observe(loaded, graph, args)
     explained = explained_errors(graph, plan)
     unexplained = {k: v for k, v in plan.errors.items() if k not in explained}
     ok = not unexplained
@@ -512,14 +518,7 @@ def cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     loaded = _load(args.spec)
     graph = _graph(loaded)
 
-    async def run() -> Any:
-        engine, transports = _engine(loaded, graph, args, None)
-        try:
-            return await engine.plan()
-        finally:
-            await transports.close()
-
-    plan = asyncio.run(run())
+    plan = _observe(loaded, graph, args)
     if args.json:
         rows = [c.as_dict() for c in plan.changes]
         sys.stdout.write(

@@ -72,16 +72,16 @@ def fstab_entry_for(text: str | None, mountpoint: str) -> FstabEntry | None:
     return None
 
 
-def fstab_with(text: str | None, mountpoint: str, new_line: str | None) -> str:
-    """The fstab with the entry for ``mountpoint`` replaced by ``new_line`` (None: removed,
-    appended when missing). Every other line is kept byte for byte."""
-    text = text or ""
-    lines = text.splitlines(keepends=True)
-    targets = {e.line for e in parse_fstab(text) if e.mountpoint == mountpoint}
+def replace_lines(
+    lines: list[str], matches: Callable[[int, str], bool], new_line: str | None
+) -> str:
+    """``lines`` with the ones ``matches`` selects replaced by ``new_line`` (in place of the
+    first; None: removed) or, when none matches, ``new_line`` appended. Every other line is
+    kept byte for byte. Shared by the fstab and /etc/exports editors."""
     out: list[str] = []
     placed = False
     for i, line in enumerate(lines):
-        if i in targets:
+        if matches(i, line):
             if new_line is not None and not placed:
                 out.append(new_line + "\n")
                 placed = True
@@ -92,6 +92,14 @@ def fstab_with(text: str | None, mountpoint: str, new_line: str | None) -> str:
             out[-1] += "\n"
         out.append(new_line + "\n")
     return "".join(out)
+
+
+def fstab_with(text: str | None, mountpoint: str, new_line: str | None) -> str:
+    """The fstab with the entry for ``mountpoint`` replaced by ``new_line`` (None: removed,
+    appended when missing). Every other line is kept byte for byte."""
+    text = text or ""
+    targets = {e.line for e in parse_fstab(text) if e.mountpoint == mountpoint}
+    return replace_lines(text.splitlines(keepends=True), lambda i, _: i in targets, new_line)
 
 
 def fstab_escape(path: str) -> str:

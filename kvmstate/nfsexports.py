@@ -99,23 +99,13 @@ def export_line(path: str, clients: Iterable[tuple[str, Iterable[str]]]) -> str:
 def exports_with(text: str | None, path: str, new_line: str | None) -> str:
     """/etc/exports with the line(s) for ``path`` replaced; every other line kept byte for byte.
     Only single physical lines are replaced (kvmstate writes no continuations)."""
-    text = text or ""
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    placed = False
-    for line in lines:
+    from kvmstate.hostfacts import replace_lines
+
+    def matches(_: int, line: str) -> bool:
         parsed = parse_exports(line) if not line.rstrip().endswith("\\") else []
-        if parsed and parsed[0].path == path:
-            if new_line is not None and not placed:
-                out.append(new_line + "\n")
-                placed = True
-            continue
-        out.append(line)
-    if new_line is not None and not placed:
-        if out and not out[-1].endswith("\n"):
-            out[-1] += "\n"
-        out.append(new_line + "\n")
-    return "".join(out)
+        return bool(parsed) and parsed[0].path == path
+
+    return replace_lines((text or "").splitlines(keepends=True), matches, new_line)
 
 
 # --- exportfs -v -------------------------------------------------------------------------------
