@@ -128,8 +128,6 @@ def _check_network(value: str) -> str:
         return value
     if "%" in value:
         raise ValueError(f"invalid network {value!r}: IPv6 scope ids are not supported")
-    if re.fullmatch(r"[0-9.]+", value):
-        raise ValueError(f"invalid client {value!r}: not a valid IPv4 address")
     try:
         if "/" in value:
             ipaddress.ip_network(value, strict=True)
@@ -139,6 +137,8 @@ def _check_network(value: str) -> str:
     except ValueError as e:
         if "/" in value:
             raise ValueError(f"invalid network {value!r}: {e}") from None
+    if re.fullmatch(r"[0-9.]+", value):
+        raise ValueError(f"invalid client {value!r}: not a valid IPv4 address")
     if not _HOSTNAME_RE.fullmatch(value):
         raise ValueError(
             f"invalid client {value!r}: expected a CIDR network, an IP address, a host name or '*'"

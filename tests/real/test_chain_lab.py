@@ -238,3 +238,62 @@ def test_secrets_never_reach_logs_plans_json_or_the_journal(converged: Lab, tmp_
     for text in texts:
         for line in key_lines:
             assert line not in text
+
+
+def _bare_variant(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    text = LAB_SPEC.read_text()
+    assert old in text
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_btrfs_device_missing_fails_clearly_and_changes_nothing(
+    bare_lab: Lab, tmp_path: Path
+) -> None:
+    spec = _bare_variant(
+        tmp_path, "nodev", "device: LABEL=kvmstate-lab", "device: LABEL=no-such-fs"
+    )
+    fstab = bare_lab.run("storage", ["cat", "/etc/fstab"]).stdout
+    r = cli("apply", spec, "--auto-approve")
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "storage" in out and "no-such-fs" in out, out
+    assert "Traceback" not in out
+    assert bare_lab.run("storage", ["cat", "/etc/fstab"]).stdout == fstab
+    assert (
+        "images" not in bare_lab.run("storage", ["btrfs", "subvolume", "list", "/srv/btrfs"]).stdout
+    )
+    assert defined_on(bare_lab) == {}
+
+
+def test_export_path_missing_is_refused_before_exports_is_written(
+    bare_lab: Lab, tmp_path: Path
+) -> None:
+    spec = _bare_variant(tmp_path, "nopath", "    path: /srv/images\n", "    path: /srv/nowhere\n")
+    exports = bare_lab.run("storage", ["cat", "/etc/exports"]).stdout
+    r = cli("apply", spec, "--auto-approve")
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "export path /srv/nowhere does not exist" in out, out
+    assert bare_lab.run("storage", ["cat", "/etc/exports"]).stdout == exports
+    assert bare_lab.run("storage", ["exportfs", "-v"]).stdout == ""
+
+
+def test_pool_is_never_started_on_the_bare_directory_when_its_mount_fails(
+    bare_lab: Lab, tmp_path: Path
+) -> None:
+    """kvm-2 is not allowed by the export: its NFS mount is refused by the server, so its pool
+    (whose path is on that mount) is skipped, never started on the local directory."""
+    spec = _bare_variant(tmp_path, "kvm1only", "network: 10.77.0.0/24", "network: 10.77.0.11")
+    r = cli("apply", spec, "--auto-approve")
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "mount:kvm-2:images" in out and "kvm-2" in out
+    assert "skipped because of mount:kvm-2:images: pool:kvm-2:images" in out, out
+    assert "images" not in virsh(bare_lab, "kvm-2", "pool-list", "--all", "--name")
+    assert (
+        "10.77.0.10:/srv/images" not in bare_lab.run("kvm-2", ["cat", "/proc/self/mounts"]).stdout
+    )
+    # kvm-1 is allowed: its branch converged
+    assert "images" in virsh(bare_lab, "kvm-1", "pool-list", "--name")

@@ -224,3 +224,12 @@ def test_covering_mount_prefers_the_deepest(make_spec: MakeSpec) -> None:
     spec = parse_spec_text(text, "d.yaml").spec
     assert covering_mount(spec, "kvm-1", "/var/lib/libvirt/images/deep/x") == "deep"
     assert covering_mount(spec, "kvm-2", "/var/lib/libvirt/images/deep/x") == "images"
+
+
+def test_a_single_client_address_is_a_valid_export_client() -> None:
+    from kvmstate.spec import ExportClient
+
+    assert ExportClient(network="10.77.0.11").network == "10.77.0.11"
+    assert ExportClient(network="fe80::1").network == "fe80::1"
+    with pytest.raises(ValueError, match="not a valid IPv4 address"):
+        ExportClient(network="10.77.0.300")
