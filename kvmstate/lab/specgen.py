@@ -49,7 +49,7 @@ mounts:
 pools:
   images: {{type: dir, path: /var/lib/libvirt/images, hosts: [{kvm_list}], autostart: true}}
 volumes:
-  {GUEST}.qcow2: {{pool: images, format: qcow2, capacity: 64MiB}}
+  {GUEST}.qcow2: {{pool: images, format: qcow2, capacity: 64MiB, owner: root, group: root}}
 domains:
   {GUEST}:
     type: qemu

@@ -299,9 +299,8 @@ def test_disk_full_on_the_storage_host_while_creating_a_volume(fresh: Lab, tmp_p
         tmp_path,
         "second-volume",
         lambda t: t.replace(
-            "  lab-guest.qcow2: {pool: images, format: qcow2, capacity: 64MiB}",
-            "  lab-guest.qcow2: {pool: images, format: qcow2, capacity: 64MiB}\n"
-            "  extra.qcow2: {pool: images, format: qcow2, capacity: 64MiB}",
+            "\nvolumes:\n",
+            "\nvolumes:\n  extra.qcow2: {pool: images, format: qcow2, capacity: 64MiB}\n",
         ),
         base=stopped,
     )

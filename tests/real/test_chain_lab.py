@@ -105,6 +105,12 @@ DRIFTS = {
         "pool:kvm-2:images",
         "config",
     ),
+    "volume-owner-changed": (
+        "kvm-1",
+        ["chown", "nobody:nogroup", "/var/lib/libvirt/images/lab-guest.qcow2"],
+        "volume:kvm-1:lab-guest.qcow2",
+        "config",
+    ),
     "domain-shut-off": (
         "kvm-1",
         ["virsh", "-c", "qemu:///system", "destroy", GUEST],
