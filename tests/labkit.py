@@ -29,18 +29,40 @@ GUEST = "lab-guest"
 KVM_HOSTS = ("kvm-1", "kvm-2")
 
 
+def _cli_argv(args: tuple[object, ...]) -> list[str]:
+    return [sys.executable, "-m", "kvmstate.cli", *map(str, args)]
+
+
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **(env or {})}
+
+
 def cli(
-    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    *args: object, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``kvmstate ARGS`` in a new process, exactly as a user or cron runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "kvmstate.cli", *map(str, args)],
+        _cli_argv(args),
         capture_output=True,
         text=True,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **(env or {})},
+        env=_cli_env(env),
         timeout=timeout,
+    )
+
+
+def spawn(*args: object, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``kvmstate ARGS`` started in the background (stdout/stderr piped), for tests that act
+    while it runs: read its events, kill it, start a second run beside it."""
+    return subprocess.Popen(
+        _cli_argv(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        env=_cli_env(env),
     )
 
 

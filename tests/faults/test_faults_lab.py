@@ -5,10 +5,7 @@ counting where it runs), config files whole, and the next apply converges."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,6 @@ import pytest
 from labkit import (
     LAB_SPEC,
     MIGRATED_SPEC,
-    ROOT,
     apply,
     cli,
     defined_on,
@@ -27,6 +23,7 @@ from labkit import (
     plan,
     restart_daemon,
     running_on,
+    spawn,
     variant,
     virsh,
     wait_counter,
@@ -46,24 +43,7 @@ def apply_until(
 ) -> tuple[int, list[dict[str, Any]], str]:
     """Run `kvmstate apply --json`; call ``action`` once, at the first event ``trigger`` likes.
     Returns exit code, events, stderr."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvmstate.cli",
-            "apply",
-            str(spec),
-            "--auto-approve",
-            "--json",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "NO_COLOR": "1"},
-        stdin=subprocess.DEVNULL,
-    )
+    proc = spawn("apply", spec, "--auto-approve", "--json", *extra)
     events: list[dict[str, Any]] = []
     fired = False
     assert proc.stdout is not None
@@ -206,22 +186,7 @@ def test_kvmstate_killed_during_a_migration_resumes_on_the_next_apply(
 ) -> None:
     lab = converged
     before = wait_counter(lab)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvmstate.cli",
-            "apply",
-            str(slow(tmp_path)),
-            "--auto-approve",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = spawn("apply", slow(tmp_path), "--auto-approve", "--json")
     assert proc.stdout is not None
     for line in proc.stdout:
         if '"migration-progress"' in line:
@@ -240,14 +205,7 @@ def test_kvmstate_killed_during_a_migration_resumes_on_the_next_apply(
 
 def test_kvmstate_killed_during_a_config_write_leaves_whole_files(fresh: Lab) -> None:
     lab = fresh
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmstate.cli", "apply", str(LAB_SPEC), "--auto-approve", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = spawn("apply", LAB_SPEC, "--auto-approve", "--json")
     assert proc.stdout is not None
     for line in proc.stdout:
         if '"apply-start"' in line and "export:storage:images" in line:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labkit import GUEST, LAB_SPEC, ROOT, apply, cli, defined_on, wait_counter
+from labkit import GUEST, LAB_SPEC, ROOT, apply, cli, defined_on, spawn, wait_counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmstate.lab.lab import Lab
@@ -152,12 +152,15 @@ with local_lock(key, command="kvmstate apply " + sys.argv[1]):
 """
 
 
-def test_second_apply_names_the_holder_and_a_killed_holder_frees_the_lock(
-    converged: Lab, tmp_path: Path
-) -> None:
-    env = {**os.environ, "KVMSTATE_STATE_DIR": str(tmp_path)}
+def _refused_while_held_then_free_once_killed(
+    script: str, state: Path, *, free_timeout: str
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Start a process holding a lock (it prints "held"); an apply with --lock-timeout 1 must
+    fail while it lives; after SIGKILL of the holder the next apply must get the lock.
+    Returns the refused run and the holder's pid."""
+    env = {**os.environ, "KVMSTATE_STATE_DIR": str(state)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(LAB_SPEC)],
+        [sys.executable, "-c", script, str(LAB_SPEC)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -165,33 +168,27 @@ def test_second_apply_names_the_holder_and_a_killed_holder_frees_the_lock(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock_env = {"KVMSTATE_STATE_DIR": str(state)}
         started = time.monotonic()
-        r = cli(
-            "apply",
-            LAB_SPEC,
-            "--auto-approve",
-            "--lock-timeout",
-            "1",
-            env={"KVMSTATE_STATE_DIR": str(tmp_path)},
-        )
-        assert r.returncode == 1
+        refused = cli("apply", LAB_SPEC, "--auto-approve", "--lock-timeout", "1", env=lock_env)
+        assert refused.returncode == 1
         assert time.monotonic() - started >= 1
-        assert f"pid {holder.pid}" in r.stderr and "kvmstate apply" in r.stderr
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        r = cli(
-            "apply",
-            LAB_SPEC,
-            "--auto-approve",
-            "--lock-timeout",
-            "1",
-            env={"KVMSTATE_STATE_DIR": str(tmp_path)},
-        )
+        r = cli("apply", LAB_SPEC, "--auto-approve", "--lock-timeout", free_timeout, env=lock_env)
         assert r.returncode == 0, r.stdout + r.stderr
+        return refused, holder.pid
     finally:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_second_apply_names_the_holder_and_a_killed_holder_frees_the_lock(
+    converged: Lab, tmp_path: Path
+) -> None:
+    refused, pid = _refused_while_held_then_free_once_killed(HOLD_LOCK, tmp_path, free_timeout="1")
+    assert f"pid {pid}" in refused.stderr and "kvmstate apply" in refused.stderr
 
 
 def test_two_concurrent_applies_one_waits_for_the_other(converged: Lab, tmp_path: Path) -> None:
@@ -208,23 +205,11 @@ def test_two_concurrent_applies_one_waits_for_the_other(converged: Lab, tmp_path
     )
     state = tmp_path / "state"
     other = tmp_path / "other-machine"  # a second machine: its own local lock, same cluster
-    env = {**os.environ, "KVMSTATE_STATE_DIR": str(state), "NO_COLOR": "1"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "kvmstate.cli", "apply", str(slow), "--auto-approve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-    holder = next((state / "locks").glob("*.holder"), None) if (state / "locks").exists() else None
+    first = spawn("apply", slow, "--auto-approve", env={"KVMSTATE_STATE_DIR": str(state)})
     deadline = time.monotonic() + 30
-    while holder is None and time.monotonic() < deadline:  # readiness: the lock is held
+    while not list(state.glob("locks/*.holder")):  # readiness: the first run holds the lock
+        assert time.monotonic() < deadline, "the first apply never took the lock"
         time.sleep(0.05)
-        if (state / "locks").exists():
-            holder = next((state / "locks").glob("*.holder"), None)
-    assert holder is not None
     second = cli(
         "apply",
         LAB_SPEC,
@@ -260,37 +245,8 @@ asyncio.run(main())
 
 
 def test_cluster_lock_holder_killed_frees_the_cluster(converged: Lab, tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_CLUSTER_LOCK, str(LAB_SPEC)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+    refused, _ = _refused_while_held_then_free_once_killed(
+        HOLD_CLUSTER_LOCK, tmp_path, free_timeout="30"
     )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        r = cli(
-            "apply",
-            LAB_SPEC,
-            "--auto-approve",
-            "--lock-timeout",
-            "1",
-            env={"KVMSTATE_STATE_DIR": str(tmp_path)},
-        )
-        assert r.returncode == 1
-        assert "kvmstate apply elsewhere.yaml" in r.stderr
-        assert "cluster lock on storage" in r.stderr
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-        r = cli(
-            "apply",
-            LAB_SPEC,
-            "--auto-approve",
-            "--lock-timeout",
-            "30",
-            env={"KVMSTATE_STATE_DIR": str(tmp_path)},
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+    assert "kvmstate apply elsewhere.yaml" in refused.stderr
+    assert "cluster lock on storage" in refused.stderr
