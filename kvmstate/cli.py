@@ -39,6 +39,15 @@ EPILOG = {
         "/var/lib/node_exporter/kvmstate.prom\n\n"
         "exit status: 0 no drift (prints nothing), 2 drift, 1 error (cannot tell)"
     ),
+    "import": (
+        "examples:\n"
+        "  kvmstate import --spec hosts.yaml kvm-1 kvm-2 storage -o cluster.yaml\n"
+        "  kvmstate import kvm-1=192.0.2.11 --identity ~/.ssh/id_ed25519 > kvm-1.yaml\n\n"
+        "HOST is a host of --spec, NAME=ADDRESS, or an address. Read-only: nothing is\n"
+        "changed on the hosts. What cannot be expressed exactly is left out and named in\n"
+        "comments at the top of the output; `kvmstate plan` of the result shows no changes\n"
+        "for what was imported."
+    ),
     "graph": (
         "examples:\n  kvmstate graph specs/seed.yaml\n"
         "  kvmstate graph specs/seed.yaml --format dot | dot -Tsvg > g.svg"
@@ -139,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     g = cmd("graph", "print the resource dependency graph")
     g.add_argument("spec")
     g.add_argument("--format", choices=["text", "dot", "mermaid"], default="text")
+
+    im = cmd("import", "write a spec for what already exists on hosts (read-only)")
+    im.add_argument("hosts", nargs="+", metavar="HOST")
+    im.add_argument("--spec", metavar="FILE", help="take hosts and ssh settings from this spec")
+    im.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    im.add_argument("--user", help="ssh user (default: the spec's, or root)")
+    im.add_argument("--port", type=int, help="ssh port")
+    im.add_argument("--identity", metavar="FILE", help="ssh private key")
+    im.add_argument("--known-hosts", metavar="FILE", help="known_hosts file to verify keys")
 
     cmd("schema", "print the spec's JSON Schema")
     sub.add_parser("lab", help="a local multi-host KVM lab (kvmstate lab --help)", add_help=False)
@@ -532,6 +550,104 @@ def cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_ERROR if plan.errors else EXIT_OK
 
 
+def _import_hosts(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The connection spec's data (base spec + hosts and ssh flags) and {host: address}."""
+    import os
+
+    from kvmstate.importer import valid_name
+
+    base: dict[str, Any] = {"version": 1}
+    if args.spec:
+        _load(args.spec)  # a broken base spec is reported like any other
+        base = _raw_yaml(args.spec)
+    hosts = dict(base.get("hosts") or {})
+    chosen: dict[str, str] = {}
+    for item in args.hosts:
+        name, sep, address = item.partition("=")
+        if not sep:
+            if name in hosts:
+                address = hosts[name]["address"]
+            else:
+                address, name = name, name.replace(":", "-")
+        if not valid_name(name):
+            raise KvmstateError(f"import: {name!r} is not a valid host name (use NAME=ADDRESS)")
+        if name in hosts and hosts[name]["address"] != address:
+            raise KvmstateError(
+                f"import: host {name} is {hosts[name]['address']} in {args.spec}, not {address}"
+            )
+        hosts.setdefault(name, {"address": address})
+        chosen[name] = address
+    ssh = dict(base.get("ssh") or {})
+    for key, value in (
+        ("user", args.user),
+        ("port", args.port),
+        ("identity", args.identity),
+        ("known_hosts", args.known_hosts),
+    ):
+        if value is not None:
+            ssh[key] = (
+                os.path.abspath(os.path.expanduser(value))
+                if key
+                in (
+                    "identity",
+                    "known_hosts",
+                )
+                else value
+            )
+    data = {**base, "hosts": hosts}
+    if ssh:
+        data = {"version": base.get("version", 1), "ssh": ssh, **data}
+    return data, chosen
+
+
+def _raw_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return dict(data or {})
+
+
+def cmd_import(args: argparse.Namespace, out: Any, err: Any) -> int:
+    from kvmstate import importer
+    from kvmstate.loader import parse_spec_text
+    from kvmstate.localfs import write_atomic
+    from kvmstate.spec import Spec
+    from kvmstate.transport.real import RealTransports
+
+    data, chosen = _import_hosts(args)
+    try:
+        conn_spec = Spec.model_validate(data)
+    except ValueError as e:
+        raise KvmstateError(f"import: bad host or ssh option: {e}") from None
+
+    async def run() -> list[importer.Inventory]:
+        transports = RealTransports(conn_spec)
+        try:
+            with _observing(err, len(chosen)):
+                return await importer.gather(transports, chosen)
+        finally:
+            await transports.close()
+
+    imported = importer.build(asyncio.run(run()), data)
+    result = importer.merged(data, imported)
+    header = f"kvmstate import of {', '.join(chosen)} ({len(imported.resources())} resources)"
+    text = importer.render_yaml(result, imported.notes, header)
+    parse_spec_text(text, args.output or "<import>")  # raises: never write a failing spec
+    if args.output:
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
+    kinds = (
+        ", ".join(f"{len(v)} {k if len(v) > 1 else k[:-1]}" for k, v in imported.data.items() if v)
+        or "nothing"
+    )
+    err.print(f"imported {kinds} from {len(chosen)} host(s)", markup=False)
+    for note in imported.notes:
+        err.print(f"  note: {note}", style="yellow", markup=False)
+    return EXIT_OK
+
+
 def cmd_completion(args: argparse.Namespace, out: Any, err: Any) -> int:
     from kvmstate.completion import script
 
@@ -562,6 +678,7 @@ COMMANDS = {
     "show": cmd_show,
     "completion": cmd_completion,
     "graph": cmd_graph,
+    "import": cmd_import,
     "schema": cmd_schema,
 }
 

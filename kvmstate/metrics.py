@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+from kvmstate.localfs import write_atomic
 from kvmstate.model import Plan
 
 
@@ -54,14 +53,5 @@ def render(plan: Plan | None, *, success: bool, observe_seconds: float) -> str:
 
 
 def write_textfile(path: str | Path, text: str) -> None:
-    """Temp file in the same directory, then rename: node_exporter never reads half a file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".kvmstate.", suffix=".prom.tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically: node_exporter never reads half a file."""
+    write_atomic(path, text)

@@ -38,6 +38,7 @@ def test_the_tutorial_has_the_whole_story() -> None:
     cmds = [c for c, _ in tutorial_commands()]
     assert cmds[0] == "kvmstate lab up" and cmds[-1] == "kvmstate lab down"
     assert "kvmstate apply specs/lab-migrated.yaml --auto-approve" in cmds
+    assert "kvmstate plan lab-imported.yaml" in cmds
 
 
 def test_every_tutorial_command_runs_with_the_documented_exit_status(lab: Lab) -> None:
@@ -58,5 +59,6 @@ def test_every_tutorial_command_runs_with_the_documented_exit_status(lab: Lab) -
             )
             assert r.returncode == expected, f"$ {cmd}\n{r.stdout}\n{r.stderr}"
     finally:
+        (ROOT / "lab-imported.yaml").unlink(missing_ok=True)  # written by the import step
         if not lab.is_up():
             lab.up()
