@@ -165,10 +165,23 @@ class Engine:
             return change
 
         results = await asyncio.gather(*(observe(rid) for rid in order))
-        changes = tuple(c for c in results if c is not None)
+        changes = self._arrange(tuple(c for c in results if c is not None))
         return Plan(
             changes, errors, tuple(order), time.monotonic() - started, self._deferred(changes)
         )
+
+    def _arrange(self, changes: tuple[Change, ...]) -> tuple[Change, ...]:
+        """Each kind looks at its planned changes together (``Resource.arrange``): placement
+        orders migrations so that no host's memory is overcommitted on the way."""
+        out = list(changes)
+        by_kind: dict[type[Resource[Any]], list[int]] = defaultdict(list)
+        for i, c in enumerate(out):
+            by_kind[type(self.graph[c.id])].append(i)
+        for kind, idx in by_kind.items():
+            arranged = kind.arrange(tuple(out[i] for i in idx))
+            for i, c in zip(idx, arranged, strict=True):
+                out[i] = self._gate(c)
+        return tuple(out)
 
     def _deferred(self, changes: tuple[Change, ...]) -> frozenset[ResourceId]:
         """Blocked changes with a dependency that has a pending change of its own."""
@@ -257,6 +270,19 @@ class Engine:
                     changes.get(rid),
                     cause=cause,
                     error=f"skipped: {cause} did not converge",
+                )
+        # Ordered after other changes of this apply (a migration waits for the domains that
+        # leave its target first)?
+        waits = changes.get(rid)
+        for a in waits.after if waits is not None else ():
+            o = await done[a]
+            if o.status not in (Status.CHANGED, Status.OK):
+                return Outcome(
+                    rid,
+                    Status.BLOCKED,
+                    waits,
+                    cause=a,
+                    error=f"waits for {a}, which did not complete ({o.status.value})",
                 )
         # Anything upstream changed in this run (not only direct dependencies: an export
         # restored under a mount, a pool and then a volume)?

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kvmstate.ids import ResourceId
@@ -63,6 +63,9 @@ class Change:
     blocked: str | None = None
     checks: tuple[Check, ...] = ()
     data: Mapping[str, Any] = field(default_factory=dict)
+    # changes of the same apply this one waits for (a migration onto a host waits for the
+    # domains that leave it first)
+    after: tuple[ResourceId, ...] = ()
 
     @property
     def pending(self) -> tuple[FieldDiff, ...]:
@@ -72,8 +75,8 @@ class Change:
     def is_noop(self) -> bool:
         return self.action is Action.NOOP
 
-    def with_blocked(self, reason: str) -> Change:
-        return Change(self.id, self.action, self.diffs, self.reason, reason, self.checks, self.data)
+    def with_blocked(self, reason: str | None) -> Change:
+        return replace(self, blocked=reason)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -89,6 +92,8 @@ class Change:
             out["blocked"] = self.blocked
         if self.checks:
             out["checks"] = [c.as_dict() for c in self.checks]
+        if self.after:
+            out["after"] = [str(a) for a in self.after]
         return out
 
 

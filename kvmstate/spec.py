@@ -279,6 +279,11 @@ class Host(Model):
     packages: list[Package] = Field(default_factory=list, description="apt packages to install")
     drain: bool = Field(default=False, description="move every domain off this host")
     migrations: MigrationLimits = Field(default_factory=MigrationLimits)
+    max_guest_memory: Annotated[Size, Field(gt=0)] | None = Field(
+        default=None,
+        description="the most memory the running domains on this host may have together; "
+        "migrations onto the host are ordered (or refused) so that it is never exceeded",
+    )
 
 
 # --- storage -----------------------------------------------------------------------------------

@@ -392,6 +392,14 @@ def users_of_path(conn: Any, path: str) -> list[str]:
     return users
 
 
+def running_memory(conn: Any) -> dict[str, int]:
+    """{domain: bytes of its maximum memory} for every running domain (incoming ones too)."""
+    return {
+        dom.name(): int(dom.maxMemory()) * 1024
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    }
+
+
 def set_live_memory(conn: Any, name: str, kib: int) -> None:
     conn.lookupByName(name).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 

@@ -55,6 +55,9 @@ class RunContext:
         self._events = events
         self._facts: dict[str, FactCache] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # memory held on a host by migrations in flight onto it: {host: {domain: bytes}}
+        self.reserved_memory: dict[str, dict[str, int]] = {}
         self._memo: dict[tuple[str, Hashable], asyncio.Future[Any]] = {}
         self.memo_enabled = False
 
@@ -98,6 +101,12 @@ class RunContext:
             sem = self._semaphores[key] = asyncio.Semaphore(limit)
         return sem
 
+    def lock(self, key: str) -> asyncio.Lock:
+        lk = self._locks.get(key)
+        if lk is None:
+            lk = self._locks[key] = asyncio.Lock()
+        return lk
+
     def emit(self, event: Event) -> None:
         if self._events is not None:
             self._events(event)
@@ -134,6 +143,12 @@ class Resource(ABC, Generic[ObsT]):
     def hosts(self) -> tuple[str, ...]:
         """Hosts this resource reads or changes (for per-host concurrency limits)."""
         return (self.host,) if self.host else ()
+
+    @classmethod
+    def arrange(cls, changes: tuple[Change, ...]) -> tuple[Change, ...]:
+        """Look at every planned change of this kind together (after all are observed) and
+        return them, possibly ordered with ``Change.after`` or blocked. Default: as they are."""
+        return changes
 
     # --- observe / diff / apply ------------------------------------------------------------------
     def facts(self) -> Iterable[tuple[str, Fact[Any]]]:

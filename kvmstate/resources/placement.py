@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvmstate import hostfacts, virt
@@ -38,12 +38,37 @@ def _log_failure(log: Any, what: str) -> Callable[[asyncio.Future[Any]], None]:
     return done
 
 
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class TargetMemory:
+    """Memory on a migration's target, net of what migrations in flight onto it hold."""
+
+    available: int  # MemAvailable minus in-flight reservations
+    committed: int  # memory of the domains running there, in-flight reservations included
+    cap: int | None  # the host's max_guest_memory
+
+    def fits(self, need: int) -> bool:
+        return need <= self.available and (self.cap is None or self.committed + need <= self.cap)
+
+    def describe(self, host: str, need: int) -> str:
+        text = f"{self.available // MiB} MiB available on {host}"
+        if self.cap is not None:
+            text += (
+                f", guests there use {self.committed // MiB} of {self.cap // MiB} MiB "
+                "(max_guest_memory)"
+            )
+        return f"{text}, guest needs {need // MiB} MiB"
+
+
 @dataclass(frozen=True)
 class PlacementObs:
     host: str
     state: str
     target: str
     checks: tuple[Check, ...] = ()
+    memory: TargetMemory | None = None
 
 
 class PlacementResource(Resource[PlacementObs]):
@@ -88,17 +113,38 @@ class PlacementResource(Resource[PlacementObs]):
         host, st = next(iter(found.items()))
         target = self.target_for(host)
         checks: tuple[Check, ...] = ()
+        memory = None
         if target != host:
-            checks = tuple(await self._preflight(ctx, host, target, st.state == "running"))
-        return PlacementObs(host, st.state, target, checks)
+            found_checks, memory = await self._preflight(ctx, host, target, st.state == "running")
+            checks = tuple(found_checks)
+        return PlacementObs(host, st.state, target, checks, memory)
 
-    async def _preflight(self, ctx: RunContext, src: str, dst: str, running: bool) -> list[Check]:
+    async def _target_memory(self, ctx: RunContext, dst: str) -> TargetMemory:
+        held = {n: b for n, b in ctx.reserved_memory.get(dst, {}).items() if n != self.name}
+        free = await ctx.facts(dst).get(hostfacts.MEM_AVAILABLE)
+        cap = self.spec.hosts[dst].max_guest_memory
+        committed = 0
+        if cap is not None:
+            lv = ctx.libvirt(dst)
+
+            async def read() -> dict[str, int]:
+                return await lv.run(virt.running_memory, await lv.connect())
+
+            running = await ctx.memo(dst, ("running-memory",), read)
+            committed = sum(b for n, b in running.items() if n not in held and n != self.name)
+        reserved = sum(held.values())
+        return TargetMemory(free - reserved, committed + reserved, cap)
+
+    async def _preflight(
+        self, ctx: RunContext, src: str, dst: str, running: bool
+    ) -> tuple[list[Check], TargetMemory | None]:
         out: list[Check] = []
+        mem = None
         try:
             dconn = await ctx.libvirt(dst).connect()
             out.append(Check("target libvirtd", True, f"connected to {dst}"))
         except KvmstateError as e:
-            return [Check("target libvirtd", False, f"{dst}: {e}")]
+            return [Check("target libvirtd", False, f"{dst}: {e}")], None
         dlv = ctx.libvirt(dst)
         for disk in self.d.disks:
             pool = self.spec.volumes[disk.volume].pool
@@ -137,15 +183,8 @@ class PlacementResource(Resource[PlacementObs]):
         facts = ctx.facts(dst)
         await facts.prefetch([hostfacts.MEM_AVAILABLE, hostfacts.BRIDGES])
         if running:
-            free = await facts.get(hostfacts.MEM_AVAILABLE)
-            need = self.d.memory
-            out.append(
-                Check(
-                    "memory",
-                    free >= need,
-                    f"{free // 2**20} MiB available on {dst}, guest needs {need // 2**20} MiB",
-                )
-            )
+            mem = await self._target_memory(ctx, dst)
+            out.append(Check("memory", mem.fits(self.d.memory), mem.describe(dst, self.d.memory)))
         bridges = {i.bridge for i in self.d.interfaces if i.bridge}
         if bridges:
             have = await facts.get(hostfacts.BRIDGES)
@@ -157,7 +196,7 @@ class PlacementResource(Resource[PlacementObs]):
                     f"missing on {dst}: {', '.join(missing)}" if missing else "present",
                 )
             )
-        return out
+        return out, mem
 
     def diff(self, observed: PlacementObs | None) -> Change:
         if observed is None:
@@ -179,13 +218,86 @@ class PlacementResource(Resource[PlacementObs]):
             (diff("host", o.host, o.target, "runtime"),),
             f"{'live-migrate' if live else 'move'} {self.name} {o.host} -> {o.target}",
             checks=o.checks,
-            data={"source": o.host, "target": o.target, "live": live, "memory": self.d.memory},
+            data={"source": o.host, "target": o.target, "live": live, "memory": self.d.memory}
+            | ({"target_memory": o.memory} if o.memory is not None else {}),
         )
         if failed:
             return ch.with_blocked(
                 "pre-flight failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
             )
         return ch
+
+    @classmethod
+    def arrange(cls, changes: tuple[Change, ...]) -> tuple[Change, ...]:
+        """Order live migrations so that no target runs short of memory on the way.
+
+        Simulated one at a time on the pre-flight numbers: a migration whose target is too
+        full now, but has room once domains leaving it are gone (two domains swapping hosts),
+        waits for those (``Change.after``) instead of being blocked. One that fits in no order
+        (a swap between two full hosts) stays blocked with that reason. At apply time every
+        migration checks its target again under a per-host lock and reserves its memory there
+        until it is done, so concurrent ones never add up past what the host has.
+        """
+        moves = {
+            c.id: c
+            for c in changes
+            if c.action is Action.MIGRATE
+            and "target_memory" in c.data
+            and all(k.ok or k.name == "memory" for k in c.checks)
+        }
+        if not moves:
+            return changes
+        mem: dict[str, TargetMemory] = {}
+        for c in moves.values():
+            mem.setdefault(c.data["target"], c.data["target_memory"])
+
+        def shift(host: str, delta: int) -> None:
+            if host in mem:
+                m = mem[host]
+                mem[host] = TargetMemory(m.available - delta, m.committed + delta, m.cap)
+
+        done: list[Change] = []
+        after: dict[ResourceId, tuple[ResourceId, ...]] = {}
+        todo = sorted(moves.values(), key=lambda c: str(c.id))
+        fits_now = {c.id for c in todo if mem[c.data["target"]].fits(c.data["memory"])}
+        while todo:
+            ready = next((c for c in todo if mem[c.data["target"]].fits(c.data["memory"])), None)
+            if ready is None:
+                break
+            todo.remove(ready)
+            dst = ready.data["target"]
+            if ready.id not in fits_now:
+                after[ready.id] = tuple(d.id for d in done if d.data["source"] == dst)
+            shift(dst, ready.data["memory"])
+            shift(ready.data["source"], -ready.data["memory"])
+            done.append(ready)
+        stuck = {c.id for c in todo}
+        out = []
+        for c in changes:
+            dst = c.data.get("target")
+            if c.id in after:
+                first = after[c.id]
+                verb = "leaves" if len(first) == 1 else "leave"
+                c = replace(
+                    c,
+                    blocked=None,
+                    after=first,
+                    reason=f"{c.reason}, after {', '.join(a.name for a in first)} {verb} {dst}",
+                )
+            elif c.id in stuck and c.id not in fits_now:
+                now = moves[c.id].data["target_memory"].describe(dst, c.data["memory"])
+                c = c.with_blocked(
+                    f"pre-flight failed: memory: no order of this apply's migrations makes room "
+                    f"for {c.id.name} on {dst} ({now}); move a domain off {dst} first "
+                    "(two full hosts swapping domains need a third host)"
+                )
+            elif c.id in stuck:
+                c = c.with_blocked(
+                    f"pre-flight failed: memory: {dst} cannot take {c.id.name} "
+                    "together with the other migrations onto it"
+                )
+            out.append(c)
+        return tuple(out)
 
     async def apply(self, change: Change, ctx: RunContext) -> PlacementObs | None:
         if change.blocked:
@@ -201,10 +313,27 @@ class PlacementResource(Resource[PlacementObs]):
             ctx.semaphore(f"migrate-in:{dst}", in_limit),
         ):
             if cur.state == "running":
-                await self._migrate_live(ctx, src, dst)
+                await self._reserve_memory(ctx, dst)
+                try:
+                    await self._migrate_live(ctx, src, dst)
+                finally:
+                    ctx.reserved_memory[dst].pop(self.name, None)
             else:
                 await self._move_defined(ctx, src, dst)
         return await self.observe(ctx)
+
+    async def _reserve_memory(self, ctx: RunContext, dst: str) -> None:
+        """Check the target's memory again, now, net of the migrations in flight onto it, and
+        hold this guest's share until the migration ends (one check at a time per host)."""
+        async with ctx.lock(f"memory:{dst}"):
+            ctx.invalidate(dst)
+            mem = await self._target_memory(ctx, dst)
+            if not mem.fits(self.d.memory):
+                raise RefusedError(
+                    f"migration of {self.name} to {dst} refused: memory: "
+                    f"{mem.describe(dst, self.d.memory)}; the domain stays where it is"
+                )
+            ctx.reserved_memory.setdefault(dst, {})[self.name] = self.d.memory
 
     async def _move_defined(self, ctx: RunContext, src: str, dst: str) -> None:
         slv, dlv = ctx.libvirt(src), ctx.libvirt(dst)

@@ -274,3 +274,91 @@ def test_disk_full_on_the_storage_host_while_creating_a_volume(fresh: Lab, tmp_p
     report = apply(bigger)
     assert report.converged, [o.as_dict() for o in report.failed]
     assert file_sha(lab, "kvm-1", disk) == sha
+
+
+def test_ctrl_c_during_a_migration_aborts_it_and_the_guest_stays_on_the_source(
+    converged: Lab, tmp_path: Path
+) -> None:
+    lab = converged
+    before = wait_counter(lab)
+    proc = spawn("apply", slow(tmp_path), "--auto-approve", "--json")
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if '"migration-progress"' in line:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            break
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    # aborted, not left running: the guest is where it was, with no migration job on it
+    assert_one_guest(lab, "kvm-1")
+    assert "None" in virsh(lab, "kvm-1", "domjobinfo", "lab-guest").split("Job type:")[1][:20]
+    wait_counter(lab, above=before)
+    r = cli("plan", LAB_SPEC)  # the run lock and the cluster lock were released
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _link(lab: Lab, host: str, state: str) -> None:
+    import subprocess
+
+    veth = lab.host(host).veth
+    subprocess.run(["ip", "link", "set", veth, state], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("down_for", "timeout", "lands_on"),
+    [(5.0, "2m", "kvm-2"), (20.0, "6s", "kvm-1")],
+    ids=["restored-in-time", "down-past-the-timeout"],
+)
+def test_target_link_cut_during_a_migration_then_restored(
+    converged: Lab, tmp_path: Path, down_for: float, timeout: str, lands_on: str
+) -> None:
+    """The target's veth goes down mid-migration: the migration stream and kvmstate's own
+    connection to the target both stall. Back within the migration's timeout, the stream
+    resumes and the migration completes; down past it, the job is aborted and the guest
+    keeps running on the source. Either way: one guest, and the next apply converges."""
+    import threading
+
+    lab = converged
+    before = wait_counter(lab)
+    spec = variant(  # about 12 s at 8 MiB/s: still copying when the link goes down
+        tmp_path,
+        "bw8",
+        lambda t: t.replace(
+            "migration: {max_downtime: 300ms, timeout: 2m}",
+            f"migration: {{max_downtime: 300ms, bandwidth: 8MiB, timeout: {timeout}}}",
+        ).replace("host: kvm-1", "host: kvm-2"),
+    )
+    restored = threading.Event()
+
+    def restore() -> None:
+        _link(lab, "kvm-2", "up")
+        restored.set()
+
+    def cut() -> None:
+        _link(lab, "kvm-2", "down")
+        threading.Timer(down_for, restore).start()
+
+    try:
+        code, events, err = apply_until(spec, is_event("migration-progress"), cut)
+    finally:
+        restored.wait(timeout=60)
+        _link(lab, "kvm-2", "up")
+    assert "Traceback" not in err, err
+    done = [e for e in events if e.get("event") == "migration-done"]
+    if lands_on == "kvm-2":
+        assert code == 0, err
+        progress = [e["memory_processed"] for e in events if e["event"] == "migration-progress"]
+        assert progress == sorted(progress) and progress[-1] > progress[0], progress
+        assert done
+    else:
+        assert code == 1, err
+        assert "timed out" in err and "still running on kvm-1" in err, err
+        assert not done
+    _settle(lab)
+    assert_one_guest(lab, lands_on)
+    wait_counter(lab, above=before)
+    report = apply(LAB_SPEC)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    assert_one_guest(lab, "kvm-1")
