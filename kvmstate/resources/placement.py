@@ -278,11 +278,19 @@ class PlacementResource(Resource[PlacementObs]):
             if c.id in after:
                 first = after[c.id]
                 verb = "leaves" if len(first) == 1 else "leave"
+                leaving = f"{', '.join(a.name for a in first)} {verb} {dst}"
+                checks = tuple(
+                    Check(k.name, True, f"{k.detail}: room once {leaving}")
+                    if k.name == "memory"
+                    else k
+                    for k in c.checks
+                )
                 c = replace(
                     c,
                     blocked=None,
                     after=first,
-                    reason=f"{c.reason}, after {', '.join(a.name for a in first)} {verb} {dst}",
+                    checks=checks,
+                    reason=f"{c.reason}, after {leaving}",
                 )
             elif c.id in stuck and c.id not in fits_now:
                 now = moves[c.id].data["target_memory"].describe(dst, c.data["memory"])

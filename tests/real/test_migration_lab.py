@@ -156,3 +156,70 @@ def test_evacuate_moves_every_domain_off_a_host(guest_home: Lab, tmp_path: Path)
     r = cli("apply", spec, "--auto-approve")  # pinned to kvm-1 again once not draining
     assert r.returncode == 0, r.stdout + r.stderr
     assert defined_on(lab) == {"kvm-1": "running"}
+
+
+def _two_guests(tmp_path: Path, name: str, a_on: str, b_on: str, caps: dict[str, str]) -> Path:
+    """specs/lab.yaml plus a second guest (its own volume) and per-host memory caps."""
+    import copy
+
+    import yaml
+
+    data = yaml.safe_load(LAB_SPEC.read_text())
+    data["volumes"]["lab-guest-2.qcow2"] = dict(data["volumes"]["lab-guest.qcow2"])
+    g2 = copy.deepcopy(data["domains"]["lab-guest"])
+    g2["disks"][0]["volume"] = "lab-guest-2.qcow2"
+    g2["serial"]["path"] = "/var/log/libvirt/qemu/lab-guest-2.serial.log"
+    data["domains"]["lab-guest-2"] = g2
+    data["domains"]["lab-guest"]["host"], g2["host"] = a_on, b_on
+    for host, cap in caps.items():
+        data["hosts"][host]["max_guest_memory"] = cap
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_two_guests_swap_hosts_without_overcommitting_either(
+    guest_home: Lab, tmp_path: Path
+) -> None:
+    """kvm-2 may hold 200 MiB of guests and has lab-guest-2 (128 MiB): lab-guest can only
+    arrive once lab-guest-2 has left. The plan says so, and the apply moves them in that
+    order; two full hosts (200 MiB each) cannot swap at all and nothing moves."""
+    lab = guest_home
+    caps = {"kvm-1": "300MiB", "kvm-2": "200MiB"}
+    start = _two_guests(tmp_path, "start", "kvm-1", "kvm-2", caps)
+    swapped = _two_guests(tmp_path, "swapped", "kvm-2", "kvm-1", caps)
+    full = _two_guests(tmp_path, "full", "kvm-2", "kvm-1", {"kvm-1": "200MiB", "kvm-2": "200MiB"})
+    try:
+        assert apply(start).converged
+        wait_counter(lab, domain="lab-guest-2")
+        assert defined_on(lab, "lab-guest-2") == {"kvm-2": "running"}
+
+        # both full: blocked with the reason, nothing touched
+        r = cli("apply", full, "--auto-approve")
+        assert r.returncode == 1, r.stdout + r.stderr
+        said = " ".join((r.stdout + r.stderr).split())
+        assert "no order of this apply's migrations makes room" in said, r.stdout + r.stderr
+        assert defined_on(lab) == {"kvm-1": "running"}
+        assert defined_on(lab, "lab-guest-2") == {"kvm-2": "running"}
+
+        r = cli("plan", swapped)
+        assert r.returncode == 2, r.stdout + r.stderr
+        said = " ".join(r.stdout.split())  # however the terminal wraps it
+        assert "after lab-guest-2 leaves kvm-2" in said, r.stdout
+        assert "room once lab-guest-2 leaves kvm-2" in said, r.stdout
+        counters = {d: wait_counter(lab, domain=d) for d in ("lab-guest", "lab-guest-2")}
+        events: list[dict[str, Any]] = []
+        report = apply(swapped, events=events.append)
+        assert report.converged, [o.as_dict() for o in report.failed]
+        done = [e["domain"] for e in events if e.get("event") == "migration-done"]
+        assert done == ["lab-guest-2", "lab-guest"], done
+        assert defined_on(lab) == {"kvm-2": "running"}
+        assert defined_on(lab, "lab-guest-2") == {"kvm-1": "running"}
+        for d, n in counters.items():
+            wait_counter(lab, above=n, domain=d)  # neither guest restarted
+        assert not plan(swapped).has_changes
+    finally:
+        for host in ("kvm-1", "kvm-2"):
+            virsh(lab, host, "destroy", "lab-guest-2", check=False)
+            virsh(lab, host, "undefine", "lab-guest-2", check=False)
+        virsh(lab, "kvm-1", "vol-delete", "--pool", "images", "lab-guest-2.qcow2", check=False)
