@@ -20,23 +20,27 @@ from kvmstate.errors import KvmstateError, SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
+# examples are shown as written (RawDescriptionHelpFormatter): keep every line within 78
+# columns, argparse's width on an 80-column terminal (tests/cli/test_width.py checks)
 EPILOG = {
     "validate": "example:\n  kvmstate validate specs/seed.yaml",
     "plan": (
         "examples:\n  kvmstate plan specs/lab.yaml\n"
-        "  kvmstate plan specs/seed.yaml --assume-empty   # review a spec, contact no host\n"
+        "  kvmstate plan specs/seed.yaml --assume-empty   # review it, contact no host\n"
         "  kvmstate plan specs/lab.yaml --json\n\n"
         "exit status: 0 no changes, 2 changes pending, 1 error"
     ),
     "apply": (
         "examples:\n  kvmstate apply specs/lab.yaml\n"
-        "  kvmstate apply specs/lab-migrated.yaml --auto-approve   # live-migrates the guest\n\n"
+        "  kvmstate apply specs/lab-migrated.yaml --auto-approve   # live-migrates\n\n"
         "exit status: 0 converged, 1 error or not converged"
     ),
     "drift": (
         "examples:\n  kvmstate drift specs/lab.yaml\n"
-        "  */10 * * * * kvmstate drift /etc/kvmstate/cluster.yaml --textfile "
-        "/var/lib/node_exporter/kvmstate.prom\n\n"
+        "  kvmstate drift specs/lab.yaml --json\n\n"
+        "  # in a crontab: every 10 minutes, with metrics for node_exporter\n"
+        "  PROM=/var/lib/node_exporter/kvmstate.prom\n"
+        "  */10 * * * * kvmstate drift /etc/kvmstate/cluster.yaml --textfile $PROM\n\n"
         "exit status: 0 no drift (prints nothing), 2 drift, 1 error (cannot tell)"
     ),
     "import": (
@@ -44,14 +48,29 @@ EPILOG = {
         "  kvmstate import --spec hosts.yaml kvm-1 kvm-2 storage -o cluster.yaml\n"
         "  kvmstate import kvm-1=192.0.2.11 --identity ~/.ssh/id_ed25519 > kvm-1.yaml\n\n"
         "HOST is a host of --spec, NAME=ADDRESS, or an address. Read-only: nothing is\n"
-        "changed on the hosts. What cannot be expressed exactly is left out and named in\n"
-        "comments at the top of the output; `kvmstate plan` of the result shows no changes\n"
-        "for what was imported."
+        "changed on the hosts. What cannot be expressed exactly is left out and named\n"
+        "in comments at the top of the output; `kvmstate plan` of the result shows no\n"
+        "changes for what was imported."
+    ),
+    "evacuate": (
+        "examples:\n  kvmstate evacuate kvm-1 specs/lab.yaml\n"
+        "  kvmstate evacuate kvm-1 specs/lab.yaml --auto-approve --json\n\n"
+        "exit status: 0 converged, 1 error or not converged"
+    ),
+    "show": (
+        "examples:\n  kvmstate show specs/lab.yaml\n  kvmstate show specs/lab.yaml --json\n\n"
+        "exit status: 0 every resource observed, 1 error (some could not be)"
+    ),
+    "completion": (
+        "examples:\n"
+        '  eval "$(kvmstate completion bash)"   # in ~/.bashrc\n'
+        '  eval "$(kvmstate completion zsh)"    # in ~/.zshrc, after compinit'
     ),
     "graph": (
         "examples:\n  kvmstate graph specs/seed.yaml\n"
         "  kvmstate graph specs/seed.yaml --format dot | dot -Tsvg > g.svg"
     ),
+    "schema": "example:\n  kvmstate schema > kvmstate.schema.json   # for editors and CI",
 }
 
 
@@ -473,15 +492,18 @@ def cmd_drift(args: argparse.Namespace, out: Any, err: Any) -> int:
                 if e["field"]
                 else f" {e['reason']}"
             )
-            out.print(f"drift ({e['class']}): {e['id']} {e['action']}{field}{detail}", markup=False)
+            line = f"drift ({e['class']}): {e['id']} {e['action']}{field}{detail}"
+            out.print(render.Hanging(line, hang=4))
         for rid, causes in explained.items():
             out.print(
-                f"unobservable: {rid} (because of {', '.join(map(str, causes))}): "
-                f"{plan.errors[rid]}",
-                markup=False,
+                render.Hanging(
+                    f"unobservable: {rid} (because of {', '.join(map(str, causes))}): "
+                    f"{plan.errors[rid]}",
+                    hang=4,
+                )
             )
         for rid, msg in unexplained.items():
-            err.print(f"error: {rid}: {msg}", markup=False)
+            err.print(render.Hanging(f"error: {rid}: {msg}", hang=4))
     if not ok:
         return EXIT_ERROR
     return EXIT_CHANGES if entries or explained else EXIT_OK
@@ -658,7 +680,10 @@ def cmd_completion(args: argparse.Namespace, out: Any, err: Any) -> int:
 def cmd_graph(args: argparse.Namespace, out: Any, err: Any) -> int:
     graph = _graph(_load(args.spec))
     text = {"dot": graph.to_dot, "mermaid": graph.to_mermaid, "text": graph.to_text}[args.format]()
-    sys.stdout.write(text)
+    if args.format == "text":  # for a person: wrapped to the width; dot and mermaid as they are
+        render.wrapped(out, text, hang=4)
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 

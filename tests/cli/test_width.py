@@ -19,9 +19,11 @@ from rich.cells import cell_len
 
 from kvmstate import cli, render
 from kvmstate.errors import Problem
+from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
+from kvmstate.resources import KINDS
 from kvmstate.transport.fake import FakeCluster, FakeMount
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -387,6 +389,43 @@ def kvmstate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
+COMMANDS = [
+    "validate",
+    "plan",
+    "apply",
+    "drift",
+    "evacuate",
+    "show",
+    "completion",
+    "graph",
+    "import",
+]
+LAB_COMMANDS = ["up", "down", "install", "selftest", "status", "shell", "guest-counter"]
+
+
+@pytest.mark.parametrize("columns", [None, "80"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        *([c] for c in [*COMMANDS, "schema"]),
+        ["lab"],
+        *(["lab", c] for c in LAB_COMMANDS),
+    ],
+    ids=lambda a: " ".join(a) or "kvmstate",
+)
+def test_help_fits(argv: list[str], columns: str | None) -> None:
+    r = kvmstate(*argv, "--help", env={"COLUMNS": columns} if columns else None)
+    assert r.returncode == 0, r.stderr
+    assert_fits(r.stdout)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_still_has_examples(command: str) -> None:
+    r = kvmstate(command, "--help")
+    assert "example" in r.stdout, r.stdout
+
+
 @pytest.fixture
 def long_spec(tmp_path: Path) -> Path:
     deep = tmp_path / "etc" / "kvmstate" / IMAGES
@@ -394,6 +433,16 @@ def long_spec(tmp_path: Path) -> Path:
     path = deep / "accounting-department-cluster.yaml"
     path.write_text(LONG_SPEC)
     return path
+
+
+def test_graph_text_fits_and_names_every_dependency(long_spec: Path) -> None:
+    r = kvmstate("graph", str(long_spec))
+    assert r.returncode == 0, r.stderr
+    graph = build_graph(parse_spec_text(LONG_SPEC).spec, KINDS)
+    assert_fits(r.stdout, f"domain:{GUEST} <- pool:{KVM1}:{IMAGES}, volume:{KVM1}:{VOLUME}")
+    assert squeezed(r.stdout) == squeezed(graph.to_text())
+    # a line per resource; what it wraps onto is indented
+    assert sum(not line.startswith(" ") for line in r.stdout.splitlines()) == len(graph)
 
 
 def test_plan_assume_empty_of_a_long_spec_fits(long_spec: Path) -> None:
