@@ -21,8 +21,16 @@ log = logging.getLogger(__name__)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvmstate lab",
-        description="A real multi-host KVM cluster on this machine (namespaces, sshd, "
+        # shown as written, like the examples: lines within 78 columns
+        description="A real multi-host KVM cluster on this machine (namespaces, sshd,\n"
         "libvirtd, btrfs, NFS), for trying specs and for the real tests.",
+        epilog="examples (as root):\n"
+        "  kvmstate lab install\n"
+        "  kvmstate lab up --kvm-hosts 3\n"
+        "  kvmstate lab shell kvm-1 virsh list --all\n"
+        "  kvmstate lab status --json\n"
+        "  kvmstate lab down",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"lab directory ({DEFAULT_DIR})")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,8 +70,10 @@ def main(argv: list[str]) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    console = Console(stderr=False)
-    err = Console(stderr=True)
+    from kvmstate.render import make_console
+
+    console = make_console()  # 80 columns when not a terminal, like kvmstate's own output
+    err = make_console(stderr=True)
     try:
         return _dispatch(args, console)
     except LabError as exc:
@@ -143,11 +153,13 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
 
 def _print_status(console: Console, status: dict[str, object]) -> None:
+    from kvmstate.render import Hanging
+
     table = Table(title=f"kvmstate lab in {status['dir']}: {'up' if status['up'] else 'down'}")
-    table.add_column("host")
+    table.add_column("host", overflow="fold")  # long names fold rather than end in "…"
     table.add_column("role")
-    table.add_column("address")
-    table.add_column("daemons")
+    table.add_column("address", overflow="fold")
+    table.add_column("daemons", overflow="fold")
     hosts = status["hosts"]
     assert isinstance(hosts, list)
     for h in hosts:
@@ -156,7 +168,7 @@ def _print_status(console: Console, status: dict[str, object]) -> None:
         )
         table.add_row(h["name"], h["role"], h["address"], daemons or "-")
     console.print(table)
-    console.print(f"spec: {status['spec']}  ssh: ssh -F {status['ssh_config']} HOST")
+    console.print(Hanging(f"spec: {status['spec']}  ssh: ssh -F {status['ssh_config']} HOST"))
 
 
 if __name__ == "__main__":

@@ -576,3 +576,43 @@ def test_apply_drift_show_and_evacuate_on_a_long_spec_fit(
     assert code == 0, out + err
     assert_fits(out, f"→ {GUEST}: migrated {KVM1} → {KVM2}")
     assert not too_wide(err)
+
+
+def test_lab_status_table_fits() -> None:
+    from kvmstate.lab import cli as lab_cli
+
+    lab_dir = f"/var/lib/kvmstate-lab/{IMAGES}"
+    status: dict[str, object] = {
+        "dir": lab_dir,
+        "up": True,
+        "spec": f"{lab_dir}/lab-spec-with-a-long-name.yaml",
+        "ssh_config": f"{lab_dir}/ssh_config",
+        "hosts": [
+            {
+                "name": name,
+                "role": role,
+                "address": address,
+                "daemons": [
+                    {"name": d, "pid": 100000 + i, "alive": i % 3 != 0}
+                    for i, d in enumerate(["sshd", "libvirtd", "virtlogd", "rpc.mountd", "nfsd"])
+                ],
+            }
+            for name, role, address in (
+                (STORAGE, "storage", "10.77.0.10"),
+                (KVM1, "kvm", "10.77.0.21"),
+                (KVM2, "kvm", "10.77.0.22"),
+            )
+        ],
+    }
+    buf, out = console()
+    lab_cli._print_status(out, status)
+    text = buf.getvalue()
+    assert_fits(text, f"ssh -F {lab_dir}/ssh_config")
+    assert "…" not in text
+    cells: dict[int, str] = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            for i, cell in enumerate(line.strip("│").split("│")):
+                cells[i] = cells.get(i, "") + cell
+    assert all(squeezed(name) in squeezed(cells[0]) for name in (STORAGE, KVM1, KVM2))
+    assert squeezed("rpc.mountd(100003 dead), nfsd(100004)") in squeezed(cells[3])
