@@ -5,6 +5,25 @@ from __future__ import annotations
 
 import argparse
 
+WIDTH = 80  # the scripts are read too: every line fits 80 columns
+
+
+def _fill(words: list[str], first: int, indent: int, end: str = "") -> str:
+    """``words`` joined by spaces, in lines within WIDTH columns: the first line starts at
+    column ``first``, the others at ``indent``, and the last leaves room for ``end``."""
+    lines: list[list[str]] = [[]]
+    col = first
+    for word in words:
+        need = len(word) + (1 if lines[-1] else 0)
+        if lines[-1] and col + need > WIDTH:
+            lines.append([])
+            col, need = indent, len(word)
+        lines[-1].append(word)
+        col += need
+    if len(lines[-1]) > 1 and col + len(end) > WIDTH:
+        lines.append([lines[-1].pop()])
+    return ("\n" + " " * indent).join(" ".join(line) for line in lines)
+
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
@@ -20,15 +39,18 @@ def script(shell: str, parser: argparse.ArgumentParser) -> str:
     commands = _commands(parser)
     if shell == "bash":
         cases = "\n".join(
-            f'        {name}) opts="{" ".join(opts)}" ;;' for name, opts in sorted(commands.items())
+            f'        {name}) opts="{_fill(opts, len(name) + 16, 12, end=chr(34) + " ;;")}" ;;'
+            for name, opts in sorted(commands.items())
         )
+        names = _fill(sorted(commands), 20, 8, end='"')
         return f"""# kvmstate bash completion: eval "$(kvmstate completion bash)"
 _kvmstate() {{
     local cur cmd opts
+    local commands="{names}"
     cur="${{COMP_WORDS[COMP_CWORD]}}"
     cmd="${{COMP_WORDS[1]}}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "{" ".join(sorted(commands))}" -- "$cur"))
+        COMPREPLY=($(compgen -W "$commands" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -60,7 +82,11 @@ complete -o filenames -F _kvmstate kvmstate
         "    case $words[2] in",
     ]
     for name, opts in sorted(commands.items()):
-        flags = " ".join(repr(o) for o in opts)
-        lines.append(f"      {name}) _arguments '*:spec:_files -g \"*.y(a|)ml\"' {flags} ;;")
+        head = f"      {name}) _arguments '*:spec:_files -g \"*.y(a|)ml\"'"
+        if not opts:
+            lines.append(f"{head} ;;")
+            continue
+        flags = _fill([repr(o) for o in opts], 10, 10, end=" ;;").replace("\n", " \\\n")
+        lines += [f"{head} \\", f"          {flags} ;;"]
     lines += ["    esac", "  fi", "}", "compdef _kvmstate kvmstate", ""]
     return "\n".join(lines)

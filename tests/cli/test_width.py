@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -424,6 +425,16 @@ def test_help_fits(argv: list[str], columns: str | None) -> None:
 def test_help_still_has_examples(command: str) -> None:
     r = kvmstate(command, "--help")
     assert "example" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_scripts_fit_and_still_parse(shell: str) -> None:
+    r = kvmstate("completion", shell)
+    assert r.returncode == 0, r.stderr
+    assert_fits(r.stdout, "--lock-timeout", "--detailed-exitcode")
+    if shutil.which(shell):  # bash always; zsh where it is installed
+        check = subprocess.run([shell, "-n"], input=r.stdout, text=True, capture_output=True)
+        assert check.returncode == 0, check.stderr
 
 
 @pytest.fixture
