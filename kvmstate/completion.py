@@ -8,19 +8,19 @@ import argparse
 WIDTH = 80  # the scripts are read too: every line fits 80 columns
 
 
-def _fill(words: list[str], first: int, indent: int, end: str = "") -> str:
-    """``words`` joined by spaces, in lines within WIDTH columns: the first line starts at
-    column ``first``, the others at ``indent``, and the last leaves room for ``end``."""
+def _fill(words: list[str], first: int, indent: int, end: str = "", width: int = WIDTH) -> str:
+    """``words`` joined by spaces, in lines within ``width`` columns: the first line starts
+    at column ``first``, the others at ``indent``, and the last leaves room for ``end``."""
     lines: list[list[str]] = [[]]
     col = first
     for word in words:
         need = len(word) + (1 if lines[-1] else 0)
-        if lines[-1] and col + need > WIDTH:
+        if lines[-1] and col + need > width:
             lines.append([])
             col, need = indent, len(word)
         lines[-1].append(word)
         col += need
-    if len(lines[-1]) > 1 and col + len(end) > WIDTH:
+    if len(lines[-1]) > 1 and col + len(end) > width:
         lines.append([lines[-1].pop()])
     return ("\n" + " " * indent).join(" ".join(line) for line in lines)
 
@@ -86,7 +86,9 @@ complete -o filenames -F _kvmstate kvmstate
         if not opts:
             lines.append(f"{head} ;;")
             continue
-        flags = _fill([repr(o) for o in opts], 10, 10, end=" ;;").replace("\n", " \\\n")
+        # each line but the last ends in " \\": leave room for it
+        flags = _fill([repr(o) for o in opts], 10, 10, end=" ;;", width=WIDTH - 2)
+        flags = flags.replace("\n", " \\\n")
         lines += [f"{head} \\", f"          {flags} ;;"]
     lines += ["    esac", "  fi", "}", "compdef _kvmstate kvmstate", ""]
     return "\n".join(lines)
