@@ -7,17 +7,18 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.measure import Measurement
-from rich.progress import Progress, TaskID
 from rich.text import Text
 
 from kvmstate.errors import Problem
 from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
-from kvmstate.units import human_size
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 SYMBOL = {
     Action.NOOP: (" ", "dim"),
@@ -336,6 +337,8 @@ class EventPrinter:
             self._line(Text(str(event.get("text", ""))))
 
     def _migration_progress(self, event: Mapping[str, Any]) -> None:
+        from kvmstate.units import human_size  # units imports pydantic
+
         if self._progress is None:
             self._progress = _migration_bars(self.console)
             self._progress.start()
@@ -381,7 +384,8 @@ class EventPrinter:
 def _migration_bars(console: Console) -> Progress:
     """Progress of migrations, in two lines each: the domain's name (which may be long), then
     the bar and the numbers (the bar narrows to leave room for them)."""
-    from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+    # only an apply that migrates shows progress bars: rich.progress is imported then
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
     from rich.table import Column
 
     class Bars(Progress):
