@@ -8,12 +8,11 @@ Pure XML building/parsing lives in ``kvmstate.virtxml``; migration helpers are a
 
 from __future__ import annotations
 
+import functools
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
-
-import libvirt
 
 from kvmstate.virtxml import (
     NS,
@@ -31,38 +30,51 @@ __all__ = ["NS", "DomainConfig", "VolumeState"]
 
 log = logging.getLogger(__name__)
 
+# libvirt's virErrorNumber values (checked against the libvirt module in the tests): known
+# without importing libvirt, which is imported on first use only (see ``_libvirt``)
+NO_SUPPORT = 3
+NO_DOMAIN = 42
+NO_POOL = 49
+NO_VOLUME = 50
+
 
 def _silence(_ctx: object, _err: object) -> None:
     return None
 
 
-libvirt.registerErrorHandler(_silence, None)
+@functools.cache
+def _libvirt() -> Any:
+    """The libvirt module, imported when a libvirt call is first made, not when kvmstate is
+    imported: validate, a plan of hosts without libvirt resources and the start of every command
+    do without it. Its default error handler (prints every error to stderr) is replaced once."""
+    import libvirt
 
-NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
-NO_POOL = libvirt.VIR_ERR_NO_STORAGE_POOL
-NO_VOLUME = libvirt.VIR_ERR_NO_STORAGE_VOL
-NO_SUPPORT = libvirt.VIR_ERR_NO_SUPPORT
-Error = libvirt.libvirtError
+    libvirt.registerErrorHandler(_silence, None)
+    return libvirt
 
-_STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shut-off",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-}
+
+@functools.cache
+def _states() -> dict[int, str]:
+    lv = _libvirt()
+    return {
+        lv.VIR_DOMAIN_RUNNING: "running",
+        lv.VIR_DOMAIN_BLOCKED: "running",
+        lv.VIR_DOMAIN_PAUSED: "paused",
+        lv.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+        lv.VIR_DOMAIN_SHUTOFF: "shut-off",
+        lv.VIR_DOMAIN_CRASHED: "crashed",
+        lv.VIR_DOMAIN_PMSUSPENDED: "suspended",
+    }
 
 
 def error_code(e: BaseException) -> int | None:
-    return e.get_error_code() if isinstance(e, libvirt.libvirtError) else None
+    return e.get_error_code() if isinstance(e, _libvirt().libvirtError) else None
 
 
 def _lookup(fn: Any, name: str, code: int) -> Any:
     try:
         return fn(name)
-    except libvirt.libvirtError as e:
+    except _libvirt().libvirtError as e:
         if e.get_error_code() == code:
             return None
         raise
@@ -184,7 +196,7 @@ class DomainState:
 
 
 def domain_state_name(code: int) -> str:
-    return _STATES.get(code, "other")
+    return _states().get(code, "other")
 
 
 def observe_domain(conn: Any, name: str) -> DomainState | None:
@@ -192,7 +204,7 @@ def observe_domain(conn: Any, name: str) -> DomainState | None:
     if dom is None:
         return None
     state = domain_state_name(dom.state()[0])
-    config = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    config = parse_domain_xml(dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE))
     live = parse_domain_xml(dom.XMLDesc(0)) if dom.isActive() else None
     return DomainState(config, live, state, bool(dom.autostart()), bool(dom.isPersistent()))
 
@@ -239,19 +251,19 @@ def undefine_domain(conn: Any, name: str) -> None:
         return
     if dom.isActive():
         dom.destroy()
-    flags = (
-        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-    )
+    lv = _libvirt()
+    flags = lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     try:
         dom.undefineFlags(flags)
-    except libvirt.libvirtError as e:
+    except lv.libvirtError as e:
         if e.get_error_code() != NO_SUPPORT:
             raise
         dom.undefine()
 
 
 def inactive_xml(conn: Any, name: str) -> str:
-    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    lv = _libvirt()
+    flags = lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE
     return str(conn.lookupByName(name).XMLDesc(flags))
 
 
@@ -276,30 +288,30 @@ _PROGRESS_KEYS = (
 def migration_flags(
     live: bool, *, auto_converge: bool, postcopy: bool, parallel: bool, compressed: bool
 ) -> int:
+    lv = _libvirt()
     flags: int = int(
-        libvirt.VIR_MIGRATE_PERSIST_DEST
-        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-        | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+        lv.VIR_MIGRATE_PERSIST_DEST | lv.VIR_MIGRATE_UNDEFINE_SOURCE | lv.VIR_MIGRATE_ABORT_ON_ERROR
     )
     if live:
-        flags |= libvirt.VIR_MIGRATE_LIVE
+        flags |= lv.VIR_MIGRATE_LIVE
     if auto_converge:
-        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
     if postcopy:
-        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        flags |= lv.VIR_MIGRATE_POSTCOPY
     if parallel:
-        flags |= libvirt.VIR_MIGRATE_PARALLEL
+        flags |= lv.VIR_MIGRATE_PARALLEL
     if compressed:
-        flags |= libvirt.VIR_MIGRATE_COMPRESSED
+        flags |= lv.VIR_MIGRATE_COMPRESSED
     return flags
 
 
 def migration_params(bandwidth_bytes: int | None, parallel: int | None) -> dict[str, Any]:
+    lv = _libvirt()
     params: dict[str, Any] = {}
     if bandwidth_bytes:
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, bandwidth_bytes // (1024 * 1024))
+        params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, bandwidth_bytes // (1024 * 1024))
     if parallel:
-        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
+        params[lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
     return params
 
 
@@ -310,22 +322,24 @@ def migrate(src: Any, dst: Any, name: str, params: dict[str, Any], flags: int) -
 
 def job_progress(conn: Any, name: str) -> dict[str, Any] | None:
     """The running job's statistics, or None when there is no job (or no support)."""
+    lv = _libvirt()
     try:
         stats = conn.lookupByName(name).jobStats(0)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() in (NO_SUPPORT, NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+    except lv.libvirtError as e:
+        if e.get_error_code() in (NO_SUPPORT, NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
             return None
         raise
-    if not stats or stats.get("type") in (None, libvirt.VIR_DOMAIN_JOB_NONE):
+    if not stats or stats.get("type") in (None, lv.VIR_DOMAIN_JOB_NONE):
         return None
     return {k: stats[k] for k in _PROGRESS_KEYS if k in stats}
 
 
 def completed_job(conn: Any, name: str) -> dict[str, Any]:
     """Statistics of the finished migration, read on the destination."""
+    lv = _libvirt()
     try:
-        stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    except libvirt.libvirtError as e:
+        stats = conn.lookupByName(name).jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except lv.libvirtError as e:
         log.debug("no completed job statistics for %s: %s", name, e)
         return {}
     return {k: stats[k] for k in _PROGRESS_KEYS if k in stats}
@@ -336,7 +350,7 @@ def abort_job(conn: Any, name: str) -> None:
     if dom is not None:
         try:
             dom.abortJob()
-        except libvirt.libvirtError as e:
+        except _libvirt().libvirtError as e:
             log.warning("abortJob(%s): %s", name, e)
 
 
@@ -354,15 +368,16 @@ def cpu_compatible(src: Any, dst: Any, name: str) -> tuple[bool | None, str]:
     cpu = root.find("cpu")
     if cpu is None or root.get("type") == "qemu":
         return None, "no host CPU model in use (TCG or default CPU)"
+    lv = _libvirt()
     try:
         res = dst.compareHypervisorCPU(
             None, None, None, None, ET.tostring(cpu, encoding="unicode"), 0
         )
-    except libvirt.libvirtError as e:
+    except lv.libvirtError as e:
         if e.get_error_code() == NO_SUPPORT:
             return None, "compareHypervisorCPU not supported by the target"
         raise
-    ok = res in (libvirt.VIR_CPU_COMPARE_IDENTICAL, libvirt.VIR_CPU_COMPARE_SUPERSET)
+    ok = res in (lv.VIR_CPU_COMPARE_IDENTICAL, lv.VIR_CPU_COMPARE_SUPERSET)
     return ok, "compatible" if ok else "guest CPU not supported by the target host"
 
 
@@ -372,7 +387,7 @@ def volume_visible(conn: Any, pool_name: str, name: str) -> bool:
 
 
 def open_connection(uri: str) -> Any:
-    return libvirt.open(uri)
+    return _libvirt().open(uri)
 
 
 def users_of_path(conn: Any, path: str) -> list[str]:
@@ -384,7 +399,7 @@ def users_of_path(conn: Any, path: str) -> list[str]:
         p = parse_pool_path(pool.XMLDesc(0))
         if pool.isActive() and (p == path or p.startswith(prefix)):
             users.append(f"active pool {pool.name()}")
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+    for dom in conn.listAllDomains(_libvirt().VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         for disk in parse_domain_xml(dom.XMLDesc(0)).disks:
             if disk.path == path or disk.path.startswith(prefix):
                 users.append(f"running domain {dom.name()}")
@@ -396,13 +411,13 @@ def running_memory(conn: Any) -> dict[str, int]:
     """{domain: bytes of its maximum memory} for every running domain (incoming ones too)."""
     return {
         dom.name(): int(dom.maxMemory()) * 1024
-        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        for dom in conn.listAllDomains(_libvirt().VIR_CONNECT_LIST_DOMAINS_ACTIVE)
     }
 
 
 def set_live_memory(conn: Any, name: str, kib: int) -> None:
-    conn.lookupByName(name).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    conn.lookupByName(name).setMemoryFlags(kib, _libvirt().VIR_DOMAIN_AFFECT_LIVE)
 
 
 def set_live_vcpus(conn: Any, name: str, n: int) -> None:
-    conn.lookupByName(name).setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    conn.lookupByName(name).setVcpusFlags(n, _libvirt().VIR_DOMAIN_AFFECT_LIVE)

@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import libvirt
+
 from kvmstate import virt, virtxml
 from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import Spec
@@ -206,7 +208,7 @@ class FakeLibvirt:
         self._host.check_reachable()
         try:
             return await asyncio.to_thread(self._call, fn, *args)
-        except virt.Error as e:
+        except libvirt.libvirtError as e:
             raise TransportError(self.host, getattr(fn, "__name__", "libvirt"), None, str(e)) from e
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -244,7 +246,7 @@ class FakeLibvirt:
             return
         path = virtxml.parse_pool_path(pool.XMLDesc(0))
         if starting and not h.is_dir(path):
-            raise virt.Error(f"cannot open directory '{path}': No such file or directory")
+            raise libvirt.libvirtError(f"cannot open directory '{path}': No such file or directory")
         if not pool.isActive() and not starting:
             return
         if starting:

@@ -135,3 +135,15 @@ def test_shut_off_and_absent(cluster: FakeCluster, ctx: RunContext) -> None:
 def test_generated_xml_parses_back_to_the_spec(spec: Spec) -> None:
     want = find(spec, "domain").want  # type: ignore[attr-defined]
     assert parse_domain_xml(build_domain_xml("guest", want)) == want
+
+
+def test_virt_error_codes_match_the_libvirt_module() -> None:
+    """``kvmstate.virt`` knows these codes without importing libvirt (imported on first use)."""
+    import libvirt
+
+    assert virt.NO_SUPPORT == libvirt.VIR_ERR_NO_SUPPORT
+    assert virt.NO_DOMAIN == libvirt.VIR_ERR_NO_DOMAIN
+    assert virt.NO_POOL == libvirt.VIR_ERR_NO_STORAGE_POOL
+    assert virt.NO_VOLUME == libvirt.VIR_ERR_NO_STORAGE_VOL
+    assert virt.domain_state_name(libvirt.VIR_DOMAIN_SHUTOFF) == "shut-off"
+    assert virt.domain_state_name(libvirt.VIR_DOMAIN_BLOCKED) == "running"
