@@ -708,12 +708,27 @@ COMMANDS = {
 }
 
 
+def _no_teardown_at_exit() -> None:
+    """At exit, after the atexit handlers and the thread joins, and after stdout and stderr are
+    flushed, the interpreter would walk and free every object one by one (~40 ms of a no-op
+    plan's ~0.3 s, bench B1b) that the OS reclaims at once anyway: moving them all to the
+    garbage collector's permanent generation first skips that. Every file kvmstate writes is
+    closed by then; only memory is left for the OS to free."""
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None  # the kvmstate command, not a caller in a long-lived process
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "lab":
         from kvmstate.lab.cli import main as lab_main
 
         return lab_main(argv[1:])
+    if as_program:
+        _no_teardown_at_exit()
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.command:
