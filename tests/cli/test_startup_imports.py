@@ -30,6 +30,7 @@ ONLY_WHEN_NEEDED = (
     "jsonschema",  # tests of `schema` only
     "kvmstate.lab",  # kvmstate lab
     "kvmstate.docgen",  # schema
+    "kvmstate.importer",  # import
     "kvmstate.completion",  # completion
     "kvmstate.journal",  # apply
     "kvmstate.metrics",  # drift --textfile
