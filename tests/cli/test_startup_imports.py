@@ -26,7 +26,6 @@ ONLY_WHEN_NEEDED = (
     "rich.table",  # show
     "rich.logging",  # -v
     "libvirt",  # the first libvirt call (hosts with pools, volumes or domains)
-    "networkx",  # not used at all
     "jsonschema",  # tests of `schema` only
     "kvmstate.lab",  # kvmstate lab
     "kvmstate.docgen",  # schema
@@ -60,7 +59,7 @@ def run_main(*argv: str) -> str:
 def test_the_bare_cli_loads_no_spec_machinery() -> None:
     """`kvmstate --help`, `completion`, `lab`: argparse first, pydantic and asyncssh later."""
     loaded = modules_after("import kvmstate.cli")
-    assert heavy(loaded, (*ONLY_WHEN_NEEDED, "pydantic", "yaml", "asyncssh")) == []
+    assert heavy(loaded, (*ONLY_WHEN_NEEDED, "pydantic", "yaml", "asyncssh", "networkx")) == []
     assert "kvmstate.spec" not in loaded and "kvmstate.loader" not in loaded
 
 
