@@ -146,7 +146,19 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
                 log.debug("prefetch on %s failed: %s", host, exc)
 
-        await asyncio.gather(*(prefetch(h, fs) for h, fs in by_host.items()))
+        async def warm(host: str) -> None:
+            try:
+                await self.ctx.libvirt(host).connect()
+            except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
+                log.debug("libvirt on %s: %s", host, exc)
+
+        libvirt_hosts = {
+            h for rid in order if self.graph[rid].uses_libvirt for h in self.graph[rid].hosts()
+        }
+        await asyncio.gather(
+            *(prefetch(h, fs) for h, fs in by_host.items()),
+            *(warm(h) for h in sorted(libvirt_hosts)),
+        )
 
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}

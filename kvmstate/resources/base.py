@@ -116,6 +116,9 @@ class Resource(ABC, Generic[ObsT]):
     """One managed thing on one host (or, for domains, on whichever host has it)."""
 
     kind: ClassVar[str]
+    # observe talks to libvirt on hosts(): the engine opens those connections early, beside
+    # the batched fact reads, so the libvirt handshake is off the critical path
+    uses_libvirt: ClassVar[bool] = False
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         self.spec = spec

@@ -109,6 +109,7 @@ def _plain(v: object) -> object:
 
 class DomainResource(Resource[DomainObs]):
     kind = "domain"
+    uses_libvirt = True
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, None)

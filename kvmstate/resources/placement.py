@@ -73,6 +73,7 @@ class PlacementObs:
 
 class PlacementResource(Resource[PlacementObs]):
     kind = "placement"
+    uses_libvirt = True
     poll_interval = 0.5
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

@@ -34,6 +34,7 @@ class PoolObs:
 
 class PoolResource(Resource[PoolObs]):
     kind = "pool"
+    uses_libvirt = True
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)

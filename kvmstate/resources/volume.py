@@ -36,6 +36,7 @@ class VolumeObs:
 
 class VolumeResource(Resource[VolumeObs]):
     kind = "volume"
+    uses_libvirt = True
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         self.v: Volume = spec.volumes[name]
