@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,lab]'
+	# bytecode now, as a regular pip install does (an editable one does not, and with
+	# PYTHONDONTWRITEBYTECODE set every start would compile kvmstate again)
+	$(PY) -m compileall -q kvmstate
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,9 +38,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check kvmstate tests bench
 	$(BIN)/mypy
 
+# Brings the lab up (a fresh one) for B1, B1b, B2, B4 and B5, and takes it down after.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,lab,bench]'
-	$(PY) -m bench
+	$(PY) -m bench --setup-lab; rc=$$?; $(BIN)/kvmstate lab down; exit $$rc
 
 lab-up: $(STAMP)
 	$(BIN)/kvmstate lab up

@@ -700,7 +700,7 @@ def run(
             ("B2", lambda: b2(first_apply)),
             ("B1b", lambda: b1b(tmp, runs)),
             ("B1", lambda: b1(tmp, max(3, runs - 2))),
-            ("B4", lambda: b4(rounds=2)),
+            ("B4", lambda: b4(rounds=3)),
             ("B5", lambda: b5(tmp, out.get("B4", {}).get("kvmstate_median"))),
         ]
         for name, fn in steps:

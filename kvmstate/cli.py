@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["text", "dot", "mermaid"], default="text")
 
     im = cmd("import", "write a spec for what already exists on hosts (read-only)")
-    im.add_argument("hosts", nargs="+", metavar="HOST")
+    im.add_argument("hosts", nargs="+", metavar="HOST", help="NAME, NAME=ADDRESS or ADDRESS")
     im.add_argument("--spec", metavar="FILE", help="take hosts and ssh settings from this spec")
     im.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     im.add_argument("--user", help="ssh user (default: the spec's, or root)")
