@@ -105,7 +105,7 @@ class PlacementResource(Resource[PlacementObs]):
             return self.d.host
         return current if current in allowed else allowed[0]
 
-    async def observe(self, ctx: RunContext) -> PlacementObs | None:
+    async def observe(self, ctx: RunContext, *, preflight: bool = True) -> PlacementObs | None:
         found = await locate(ctx, self.name, self.hosts())
         if len(found) > 1:
             raise KvmstateError(f"domain {self.name} is defined on {', '.join(sorted(found))}")
@@ -115,7 +115,7 @@ class PlacementResource(Resource[PlacementObs]):
         target = self.target_for(host)
         checks: tuple[Check, ...] = ()
         memory = None
-        if target != host:
+        if target != host and preflight:
             found_checks, memory = await self._preflight(ctx, host, target, st.state == "running")
             checks = tuple(found_checks)
         return PlacementObs(host, st.state, target, checks, memory)
@@ -311,7 +311,9 @@ class PlacementResource(Resource[PlacementObs]):
     async def apply(self, change: Change, ctx: RunContext) -> PlacementObs | None:
         if change.blocked:
             raise RefusedError(change.blocked)
-        cur = await self.observe(ctx)
+        # where the domain is now; the engine ran the pre-flight checks just before this, and
+        # the memory check is made again below, under the target's lock
+        cur = await self.observe(ctx, preflight=False)
         if cur is None or cur.target == cur.host:
             return cur
         src, dst = cur.host, cur.target
