@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         default="B1,B1b,B2,B3,B4,B5",
         help="comma list of benchmarks (B3 = simulated; the others need the lab)",
     )
-    p.add_argument("--runs", type=int, default=5, help="runs per side for B1b (B1: runs-2, >=3)")
+    p.add_argument("--runs", type=int, default=7, help="runs per side for B1b (B1: runs-2, >=3)")
     p.add_argument("--b3-runs", type=int, default=scale.RUNS)
     p.add_argument("--b3-mode", choices=["auto", "full", "shell"], default="auto")
     p.add_argument("--b3-ns", default=",".join(str(n) for n in scale.NS))
