@@ -358,10 +358,18 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any, loaded: Any = None) 
 
     async def run() -> int:
         engine, transports = _engine(loaded, graph, args, printer)
+        # every host's SSH connection opens while the cluster lock is taken on the storage
+        # host (the plan shares these attempts; their errors are the plan's to report)
+        preconnect = getattr(transports, "connect_all", None)
+        warming = asyncio.ensure_future(preconnect()) if preconnect else None
+        if warming is not None:
+            warming.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             async with _cluster_lock(transports, loaded, args, err):
                 return await locked(engine)
         finally:
+            if warming is not None:
+                warming.cancel()
             printer.close()
             await transports.close()
 
@@ -760,6 +768,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", style="red")
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`kvmstate plan x | head`)
+        render.silence_stdout()
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -307,6 +308,15 @@ def outcome_line(o: Outcome) -> Text:
     return Text(f"  {mark} {o.id} {action} ({o.elapsed:.1f}s)", style=style)
 
 
+def silence_stdout() -> None:
+    """Point a stdout whose reader went away at /dev/null: the interpreter flushes it again at
+    exit, and would print a BrokenPipeError there."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class EventPrinter:
     """Shows apply/plan events as they happen: a line per finished change, a progress bar per
     migration. With ``json_out``, writes every event as one JSON line instead."""
@@ -318,9 +328,29 @@ class EventPrinter:
         self._tasks: dict[str, TaskID] = {}
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        """Never raises for its output's sake: a reader that went away (``| head``, a closed
+        pipe) must not break an apply half-way through a migration."""
+        try:
+            self._show(event)
+        except OSError as e:  # BrokenPipeError and friends: stop showing, keep working
+            self._output_lost(e)
+
+    def _output_lost(self, e: OSError) -> None:
+        import logging
+
+        logging.getLogger(__name__).debug("output lost (%s); the run goes on", e)
+        lost = self.json_out if self.json_out is not None else self.console.file
+        self.json_out = None
+        self.console.quiet = True
+        if lost is sys.stdout:
+            silence_stdout()
+
+    def _show(self, event: Mapping[str, Any]) -> None:
         if self.json_out is not None:
             self.json_out.write(json.dumps(dict(event), default=str) + "\n")
             self.json_out.flush()
+            return
+        if self.console.quiet:
             return
         kind = event.get("event")
         if kind == "apply-start":

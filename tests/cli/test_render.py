@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
+
+from rich.console import Console
 
 from kvmstate import render
 from kvmstate.ids import ResourceId
@@ -146,3 +149,48 @@ def test_event_printer_json_mode_writes_one_object_per_line() -> None:
     assert [line.count("\n") for line in lines] == [0, 0]
     assert '"event": "apply-done"' in lines[1]
     assert buf.getvalue() == ""
+
+
+class _Gone(io.StringIO):
+    """A reader that went away: every write fails as on a closed pipe."""
+
+    def write(self, s: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_went_away_never_breaks_a_run() -> None:
+    console = Console(file=_Gone(), width=80)
+    for json_out in (_Gone(), None):  # --json events, then the human display
+        printer = render.EventPrinter(console, json_out=json_out)
+        printer({"event": "apply-start", "id": "placement:web", "action": "migrate"})
+        printer({"event": "migration-progress", "domain": "web", "memory_processed": 1})
+        printer({"event": "apply-done", "id": "placement:web", "action": "migrate"})
+        assert printer.json_out is None and console.quiet
+
+
+def test_plan_into_a_closed_pipe_exits_without_a_traceback() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    for extra in ((), ("--json",)):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvmstate.cli",
+                "plan",
+                "specs/seed.yaml",
+                "--assume-empty",
+                *extra,
+            ],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()  # `| head -0`: gone before kvmstate writes a byte
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err and "Exception ignored" not in err, err
