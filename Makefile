@@ -7,13 +7,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-unit test-lab test-faults lint bench lab-up lab-down demo clean
 
+# Bytecode is compiled at install, as a regular pip install does (an editable one does not,
+# and with PYTHONDONTWRITEBYTECODE set every start would compile kvmstate again).
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,lab]'
-	# bytecode now, as a regular pip install does (an editable one does not, and with
-	# PYTHONDONTWRITEBYTECODE set every start would compile kvmstate again)
 	$(PY) -m compileall -q kvmstate
 	touch $(STAMP)
 
