@@ -214,6 +214,52 @@ def problems_from_validation(
     return out
 
 
+_SECTIONS = ("hosts", "subvolumes", "exports", "mounts", "pools", "volumes", "domains")
+
+
+def _references_despite(
+    exc: ValidationError, data: dict[str, Any], path: str, lines: dict[Loc, int]
+) -> list[Problem]:
+    """The reference errors of a spec that also has shape errors, so that one run reports
+    both: the entries with shape errors are left out, the rest is validated and checked, and
+    a reference error that names a left-out entry is dropped (it is not really dangling)."""
+    from kvmstate.checks import check_spec
+
+    pruned = dict(data)
+    dropped: set[str] = set()
+    kinds: set[str] = set()  # "volume" when a volume was left out: its list is incomplete
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if not loc:
+            return []
+        top = loc[0]
+        section = pruned.get(top) if isinstance(top, str) else None
+        if top in _SECTIONS and len(loc) > 1 and isinstance(section, dict):
+            if loc[1] in section:
+                pruned[top] = {k: v for k, v in section.items() if k != loc[1]}
+                dropped.add(str(loc[1]))
+                kinds.add(top.removesuffix("s"))
+        elif isinstance(top, str) and top not in _SECTIONS:
+            pruned.pop(top, None)  # version, ssh, migration: their defaults
+        else:
+            return []  # a whole section is malformed: nothing sensible to check
+    try:
+        spec = Spec.model_validate(pruned)
+    except ValidationError:
+        return []
+    out = []
+    for loc, msg, severity in check_spec(spec):
+        named = msg.split(" (defined:")[0]
+        if (
+            severity != "error"
+            or any(repr(n) in named for n in dropped)
+            or any(named.startswith(f"unknown {k} ") for k in kinds)
+        ):
+            continue
+        out.append(Problem(path, line_of(lines, loc), loc, msg, severity))
+    return out
+
+
 def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
     """Validate spec text. Raises SpecError with every problem found."""
     from kvmstate.checks import check_spec  # local: checks imports spec models only
@@ -244,7 +290,9 @@ def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(problems_from_validation(e, path, lines, data)) from None
+        shape = problems_from_validation(e, path, lines, data)
+        refs = _references_despite(e, data, path, lines)
+        raise SpecError(sorted(shape + refs, key=lambda p: p.line or 0)) from None
     found = [
         Problem(path, line_of(lines, loc), loc, msg, severity)
         for loc, msg, severity in check_spec(spec)

@@ -78,12 +78,13 @@ def test_bad_spec_gives_file_line_field_and_no_traceback(tmp_path: Path) -> None
     assert "Traceback" not in r.stderr
     lines = text.splitlines()
     mem_line = next(i for i, line in enumerate(lines, 1) if "2 parsecs" in line)
-    # the location starts the line; a long problem wraps (indented) at the output's width
-    assert r.stderr.startswith(f"{bad}:{mem_line}:")
+    export_line = next(i for i, line in enumerate(lines, 1) if "export: imgs" in line)
+    # both at once, in file order; the location starts the line and a long problem wraps
+    # (indented) at the output's width
+    assert r.stderr.startswith(f"{bad}:{export_line}: mounts.images.export:")
     flat = " ".join(r.stderr.split())
     assert f"{bad}:{mem_line}: domains.nested-ubuntu18.04.memory: invalid size" in flat
-    # the model error is reported first; cross-references need a shape-valid spec
-    assert "nothing was contacted" in r.stderr
+    assert "2 errors in the spec; nothing was contacted." in flat
 
 
 def test_apply_refuses_to_ask_without_a_terminal() -> None:
