@@ -32,6 +32,7 @@ from kvmstate.graph import ResourceGraph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
 from kvmstate.resources.base import Resource, RunContext
+from kvmstate.transport import prereq
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,6 +139,20 @@ class Engine:
         for rid in order:
             for host, fact in self.graph[rid].facts():
                 by_host[host].append(fact)
+        # what each host lacks (commands, devices), probed in the same batch
+        checks = {
+            h: prereq.host_fact(self.ctx.spec, h)
+            for h in sorted(
+                {
+                    h
+                    for rid in order
+                    if self.graph[rid].requirements()
+                    for h in self.graph[rid].hosts()
+                }
+            )
+        }
+        for h, fact in checks.items():
+            by_host[h].append(fact)
 
         async def prefetch(host: str, facts: list[Fact[Any]]) -> None:
             self.ctx.emit({"event": "observe-host", "host": host})
@@ -160,11 +175,23 @@ class Engine:
             *(warm(h) for h in sorted(libvirt_hosts)),
         )
 
+        lacking: dict[str, tuple[prereq.Missing, ...]] = {}
+        for h, fact in checks.items():
+            try:
+                lacking[h] = await self.ctx.facts(h).get(fact)
+            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
+                log.debug("prerequisites of %s unknown: %s", h, exc)
+
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}
 
         async def observe(rid: ResourceId) -> Change | None:
             r = self.graph[rid]
+            needs = r.requirements()
+            missing = [m for h in r.hosts() for m in lacking.get(h, ()) if m.need in needs]
+            if missing:
+                errors[rid] = "; ".join(str(m) for m in missing)
+                return None
             async with sem:
                 try:
                     observed = await self._retry(str(rid), lambda: r.observe(self.ctx))

@@ -22,6 +22,7 @@ from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.spec import Spec
 from kvmstate.transport.base import Libvirt, Shell, Transports
+from kvmstate.transport.prereq import needs_of
 
 ObsT = TypeVar("ObsT")
 T = TypeVar("T")
@@ -146,6 +147,11 @@ class Resource(ABC, Generic[ObsT]):
     def hosts(self) -> tuple[str, ...]:
         """Hosts this resource reads or changes (for per-host concurrency limits)."""
         return (self.host,) if self.host else ()
+
+    def requirements(self) -> frozenset[str]:
+        """What it needs on each of ``hosts()`` (names in ``transport.prereq.REQUIREMENTS``);
+        the engine checks them in the plan's batched read and names what is missing."""
+        return needs_of(self.kind)
 
     @classmethod
     def arrange(cls, changes: tuple[Change, ...]) -> tuple[Change, ...]:

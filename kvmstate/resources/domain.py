@@ -24,6 +24,7 @@ from kvmstate.model import Action, Change, DriftClass, FieldDiff
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Domain, Spec
+from kvmstate.transport.prereq import needs_of
 from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
 
 
@@ -126,6 +127,9 @@ class DomainResource(Resource[DomainObs]):
 
     def hosts(self) -> tuple[str, ...]:
         return tuple(domain_hosts(self.spec, self.name))
+
+    def requirements(self) -> frozenset[str]:
+        return needs_of(self.kind, self.d.type)
 
     def depends_on(self) -> frozenset[ResourceId]:
         deps = set()

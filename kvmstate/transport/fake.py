@@ -65,6 +65,7 @@ class FakeHost:
         self.users: set[str] = {"root"}
         self.groups: set[str] = {"root"}
         self.mem_available = 8 * 1024**3
+        self.missing: set[str] = set()  # prerequisite probes that fail ("cmd:btrfs")
         self.nfs_as_fuse = False  # show NFS mounts as fuse.glusterfs (the lab's client)
         self.reachable = True
         self.failures: dict[tuple[str, ...], tuple[int, str, str]] = {}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from kvmstate import hostfacts, nfsexports
 from kvmstate.errors import KvmstateError
+from kvmstate.transport import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             old = fh.files.get(p)
             fh.files[p] = FakeFile(input or "", mode=old.mode if old else mode)
             return ""
+        case ("sh", "-c", script, "kvmstate-prereq", *probes) if script == prereq.CHECK_SCRIPT:
+            return "".join(f"missing {p}\n" for p in probes if p in h.missing)
         case ("sh", "-c", script) if script == nfsexports.EXPORTS_D_SCRIPT:
             out = []
             for p in sorted(h.files):

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from kvmstate.errors import TransportError
+from kvmstate.errors import ParseError, TransportError
+from kvmstate.facts import Fact
 from kvmstate.spec import Spec
-from kvmstate.transport.base import Shell, Transports
+from kvmstate.transport.base import CommandResult, Shell, Transports
 from kvmstate.transport.libvirt import LibvirtUnreachable
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def needs_for_host(spec: Spec, host: str) -> set[str]:
 
 # A fixed script: the things to check come as "$@" ("cmd:NAME" or "dev:PATH"), never spliced.
 # sbin directories are added because a non-root login PATH often lacks them.
-_CHECK_SCRIPT = (
+CHECK_SCRIPT = (
     'PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"; '
     'for x in "$@"; do case "$x" in '
     'cmd:*) command -v -- "${x#cmd:}" >/dev/null 2>&1 || echo "missing $x" ;; '
@@ -119,21 +120,55 @@ _CHECK_SCRIPT = (
 )
 
 
+def _probe(r: Requirement) -> str:
+    return f"cmd:{r.check}" if r.kind == "command" else f"dev:{r.check}"
+
+
+def _missing(host: str, r: Requirement) -> Missing:
+    if r.kind == "command":
+        detail = f"command `{r.check}` not found (needed for {r.purpose})"
+    else:
+        detail = f"{r.check} does not exist (needed for {r.purpose})"
+    return Missing(host, r.name, r.kind, r.package, detail)
+
+
+def _absent(res: CommandResult) -> set[str]:
+    if not res.ok:
+        raise ParseError(res.host, "prerequisite check", f"exit {res.exit_status}: {res.stderr}")
+    return {x.removeprefix("missing ") for x in res.stdout.splitlines() if x.startswith("missing ")}
+
+
 async def _check_local(shell: Shell, reqs: Sequence[Requirement]) -> list[Missing]:
-    probes = [f"cmd:{r.check}" if r.kind == "command" else f"dev:{r.check}" for r in reqs]
-    res = await shell.run(["sh", "-c", _CHECK_SCRIPT, "kvmstate-prereq", *probes])
-    lines = res.stdout.splitlines()
-    absent = {x.removeprefix("missing ") for x in lines if x.startswith("missing ")}
-    out: list[Missing] = []
-    for r, probe in zip(reqs, probes, strict=True):
-        if probe not in absent:
-            continue
-        if r.kind == "command":
-            detail = f"command `{r.check}` not found (needed for {r.purpose})"
-        else:
-            detail = f"{r.check} does not exist (needed for {r.purpose})"
-        out.append(Missing(shell.host, r.name, r.kind, r.package, detail))
-    return out
+    probes = [_probe(r) for r in reqs]
+    res = await shell.run(["sh", "-c", CHECK_SCRIPT, "kvmstate-prereq", *probes])
+    absent = _absent(res)
+    return [_missing(shell.host, r) for r, p in zip(reqs, probes, strict=True) if p in absent]
+
+
+def host_fact(spec: Spec, host: str) -> Fact[tuple[Missing, ...]]:
+    """The commands and devices the spec needs on ``host``, probed by one fixed script that
+    the engine batches with the host's other facts (no extra round trip). Value: what is
+    missing. (libvirtd itself is checked by connecting to it.)"""
+    reqs = [
+        replace(REQUIREMENTS[n], name=n)
+        for n in sorted(needs_for_host(spec, host))
+        if REQUIREMENTS[n].kind != "daemon"
+    ]
+    probes = tuple(_probe(r) for r in reqs)
+
+    def parse(res: CommandResult) -> tuple[Missing, ...]:
+        absent = _absent(res)
+        return tuple(_missing(host, r) for r, p in zip(reqs, probes, strict=True) if p in absent)
+
+    return Fact(
+        f"prereq:{','.join(probes)}", ("sh", "-c", CHECK_SCRIPT, "kvmstate-prereq", *probes), parse
+    )
+
+
+def needs_of(kind: str, domain_type: str | None = None) -> frozenset[str]:
+    """What one resource of ``kind`` needs on each of its hosts."""
+    needs = KIND_NEEDS.get(kind, frozenset())
+    return needs | {"kvm"} if domain_type == "kvm" else needs
 
 
 async def _check_libvirtd(transports: Transports, host: str, req: Requirement) -> list[Missing]:
