@@ -134,22 +134,24 @@ class Engine:
         finally:
             self.ctx.end_memo()
 
-    async def _observe_all(self, order: list[ResourceId], started: float) -> Plan:
+    def _hosts_of(
+        self, order: list[ResourceId], pred: Callable[[Resource[Any]], bool]
+    ) -> list[str]:
+        return sorted(
+            {h for rid in order if pred(self.graph[rid]) for h in self.graph[rid].hosts()}
+        )
+
+    async def _read_hosts(self, order: list[ResourceId]) -> dict[str, tuple[prereq.Missing, ...]]:
+        """One batched read per host (every resource's facts, plus what the host lacks of the
+        commands and devices they need), all hosts in parallel, with the libvirt connections
+        opening beside them. Returns what each host lacks."""
         by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
         for rid in order:
             for host, fact in self.graph[rid].facts():
                 by_host[host].append(fact)
-        # what each host lacks (commands, devices), probed in the same batch
         checks = {
             h: prereq.host_fact(self.ctx.spec, h)
-            for h in sorted(
-                {
-                    h
-                    for rid in order
-                    if self.graph[rid].requirements()
-                    for h in self.graph[rid].hosts()
-                }
-            )
+            for h in self._hosts_of(order, lambda r: bool(r.requirements()))
         }
         for h, fact in checks.items():
             by_host[h].append(fact)
@@ -167,20 +169,20 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
                 log.debug("libvirt on %s: %s", host, exc)
 
-        libvirt_hosts = {
-            h for rid in order if self.graph[rid].uses_libvirt for h in self.graph[rid].hosts()
-        }
         await asyncio.gather(
             *(prefetch(h, fs) for h, fs in by_host.items()),
-            *(warm(h) for h in sorted(libvirt_hosts)),
+            *(warm(h) for h in self._hosts_of(order, lambda r: r.uses_libvirt)),
         )
-
         lacking: dict[str, tuple[prereq.Missing, ...]] = {}
         for h, fact in checks.items():
             try:
                 lacking[h] = await self.ctx.facts(h).get(fact)
             except Exception as exc:  # noqa: BLE001 - the host's own reads report it
                 log.debug("prerequisites of %s unknown: %s", h, exc)
+        return lacking
+
+    async def _observe_all(self, order: list[ResourceId], started: float) -> Plan:
+        lacking = await self._read_hosts(order)
 
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}
