@@ -584,7 +584,7 @@ def _import_hosts(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, s
     """The connection spec's data (base spec + hosts and ssh flags) and {host: address}."""
     import os
 
-    from kvmstate.importer import valid_name
+    from kvmstate.spec import is_valid_name
 
     base: dict[str, Any] = {"version": 1}
     if args.spec:
@@ -599,7 +599,7 @@ def _import_hosts(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, s
                 address = hosts[name]["address"]
             else:
                 address, name = name, name.replace(":", "-")
-        if not valid_name(name):
+        if not is_valid_name(name):
             raise KvmstateError(f"import: {name!r} is not a valid host name (use NAME=ADDRESS)")
         if name in hosts and hosts[name]["address"] != address:
             raise KvmstateError(
@@ -608,22 +608,12 @@ def _import_hosts(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, s
         hosts.setdefault(name, {"address": address})
         chosen[name] = address
     ssh = dict(base.get("ssh") or {})
-    for key, value in (
-        ("user", args.user),
-        ("port", args.port),
-        ("identity", args.identity),
-        ("known_hosts", args.known_hosts),
-    ):
+    for key, value in (("user", args.user), ("port", args.port)):
         if value is not None:
-            ssh[key] = (
-                os.path.abspath(os.path.expanduser(value))
-                if key
-                in (
-                    "identity",
-                    "known_hosts",
-                )
-                else value
-            )
+            ssh[key] = value
+    for key, path in (("identity", args.identity), ("known_hosts", args.known_hosts)):
+        if path is not None:
+            ssh[key] = os.path.abspath(os.path.expanduser(path))
     data = {**base, "hosts": hosts}
     if ssh:
         data = {"version": base.get("version", 1), "ssh": ssh, **data}

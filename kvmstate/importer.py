@@ -20,6 +20,7 @@ from typing import Any
 
 from kvmstate import hostfacts, nfsexports, virt, virtxml
 from kvmstate.errors import KvmstateError
+from kvmstate.spec import is_valid_name
 from kvmstate.transport.base import Transports
 from kvmstate.transport.libvirt import REMOTE_SOCKET
 from kvmstate.units import format_size
@@ -152,15 +153,10 @@ async def gather(transports: Transports, hosts: Mapping[str, str]) -> list[Inven
 
 # --- inventories -> spec data --------------------------------------------------------------------
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DOMAIN_STATES = {"running": "running", "shut-off": "shut-off"}
 # devices the spec models (or libvirt adds to every guest by itself)
 _MODELED_DEVICES = {"disk", "interface", "serial", "console", "emulator", "controller"}
 _MODELED_DEVICES |= {"memballoon", "input", "rng", "audio"}
-
-
-def valid_name(name: str) -> bool:
-    return bool(_NAME_RE.fullmatch(name)) and ".." not in name
 
 
 @dataclass
@@ -185,7 +181,7 @@ def _unique(name: str, taken: Iterable[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "imported"
     taken = set(taken)
     out, n = base, 2
-    while out in taken or not valid_name(out):
+    while out in taken or not is_valid_name(out):
         out = f"{base}-{n}"
         n += 1
     return out
@@ -201,7 +197,7 @@ def _subvolumes(inv: Inventory, out: Imported, existing: Existing) -> None:
         name = sub.strip("/")
         if (inv.host, name) in existing.subvolumes:
             continue
-        if not valid_name(name) or name in out.data["subvolumes"]:
+        if not is_valid_name(name) or name in out.data["subvolumes"]:
             out.skip(inv.host, f"subvolume {sub!r} on {e.mountpoint}", "not a usable spec name")
             continue
         mounted = hostfacts.mounted_at(inv.mounts, e.mountpoint)
@@ -311,7 +307,7 @@ def _pools(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None
             if p.type != "dir":
                 out.skip(inv.host, what, f"type {p.type!r} (kvmstate manages dir pools)")
                 continue
-            if not valid_name(p.name):
+            if not is_valid_name(p.name):
                 out.skip(inv.host, what, "not a usable spec name")
                 continue
             have = out.data["pools"].get(p.name)
@@ -348,7 +344,7 @@ def _volumes(invs: Sequence[Inventory], out: Imported, existing: Existing) -> No
                 continue  # the same shared volume seen from another host of the pool
             if inv.host != pool["hosts"][0]:
                 continue  # kvmstate reads a volume on its pool's first host
-            if not valid_name(v.name):
+            if not is_valid_name(v.name):
                 out.skip(inv.host, what, "not a usable spec name")
                 continue
             if v.state.format not in ("qcow2", "raw") or v.state.capacity <= 0:
@@ -462,7 +458,7 @@ def _domains(invs: Sequence[Inventory], out: Imported, existing: Existing) -> No
                 out.skip(inv.host, what, f"also defined on {seen[dom.name]}; undefine one first")
                 continue
             seen[dom.name] = inv.host
-            if not valid_name(dom.name):
+            if not is_valid_name(dom.name):
                 out.skip(inv.host, what, "not a usable spec name")
                 continue
             got = _domain(inv, dom, out)

@@ -41,8 +41,13 @@ _DISK_TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
 _DEVICE_TAG_RE = re.compile(r"^(LABEL|UUID|PARTUUID|PARTLABEL)=[A-Za-z0-9_.:-]{1,64}$")
 
 
+def is_valid_name(value: str) -> bool:
+    """A name kvmstate accepts for a host, resource or domain."""
+    return bool(_NAME_RE.fullmatch(value)) and ".." not in value
+
+
 def _check_name(value: str) -> str:
-    if not _NAME_RE.fullmatch(value) or ".." in value:
+    if not is_valid_name(value):
         raise ValueError(
             f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
