@@ -7,7 +7,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from kvmstate.lab.proc import stop
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -64,19 +65,6 @@ def child(argv: Sequence[str], *, log: Path, **kw: Any) -> Iterator[subprocess.P
     finally:
         stop(proc)
         fh.close()
-
-
-def stop(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def proc_cpu(pid: int | None) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from sshd_server import LocalSSHD
 
+from kvmstate.lab.private_libvirtd import private_libvirtd
 from kvmstate.transport.libvirt import LibvirtError
 from kvmstate.transport.real import RealTransports
 
@@ -27,61 +27,11 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, unshare and libvirtd",
 )
 
-RUN = """set -e
-mount -t tmpfs tmpfs /run
-mkdir -p /run/libvirt
-mount --bind {root}/sock /run/libvirt
-mount --bind {root}/etc /etc/libvirt
-for d in /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
-  [ -d "$d" ] && mount -t tmpfs tmpfs "$d"
-done
-exec /usr/sbin/libvirtd -f /etc/libvirt/libvirtd.conf
-"""
-
 
 @pytest.fixture(scope="module")
 def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("libvirtd")
-    (root / "sock").mkdir()
-    shutil.copytree("/etc/libvirt", root / "etc")
-    autostart = root / "etc" / "qemu" / "networks" / "autostart"
-    if autostart.exists():
-        shutil.rmtree(autostart)
-        autostart.mkdir()
-    with (root / "etc" / "libvirtd.conf").open("a") as f:
-        f.write('\nauth_unix_rw = "none"\nhost_uuid = "8a3f1f8e-2c4b-4d7e-9a1b-0c5d6e7f8a90"\n')
-    (root / "run.sh").write_text(RUN.format(root=root))
-    log = (root / "libvirtd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "unshare",
-            "--mount",
-            "--net",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            str(root / "run.sh"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    sock = root / "sock" / "libvirt-sock"
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"libvirtd did not start: {(root / 'libvirtd.log').read_text()[-500:]}")
-            time.sleep(0.05)
-        yield sock
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with private_libvirtd(tmp_path_factory.mktemp("libvirtd")) as (sock, _pid):
+        yield Path(sock)
 
 
 POOL_XML = """<pool type='dir'><name>kvmstate-test</name>
