@@ -52,8 +52,9 @@ def test_commands_and_devices_checked_in_one_round_trip(sshd: LocalSSHD) -> None
     assert not (sshd.work / "PWNED").exists()
 
 
-def test_libvirtd_not_answering_is_reported(sshd: LocalSSHD, tmp_path: Path) -> None:
-    reqs = {**TEST_REQS, "libvirtd-binary": TEST_REQS["sh"]}  # pretend installed
+def _check_libvirtd(sshd: LocalSSHD, tmp_path: Path, binary: Requirement) -> Any:
+    """Check libvirtd and its binary on h1 (no daemon listens on the socket given)."""
+    reqs = {**TEST_REQS, "libvirtd-binary": binary}
 
     async def main() -> Any:
         async with sshd:
@@ -65,25 +66,17 @@ def test_libvirtd_not_answering_is_reported(sshd: LocalSSHD, tmp_path: Path) -> 
             finally:
                 await t.close()
 
-    [m] = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_libvirtd_not_answering_is_reported(sshd: LocalSSHD, tmp_path: Path) -> None:
+    [m] = _check_libvirtd(sshd, tmp_path, TEST_REQS["sh"])  # the binary: pretend installed
     assert m.need == "libvirtd" and m.kind == "daemon"
     assert "libvirtd on 127.0.0.1" in str(m) and "not answering" in str(m)
 
 
 def test_libvirtd_binary_missing_hides_not_answering(sshd: LocalSSHD, tmp_path: Path) -> None:
-    reqs = {**TEST_REQS, "libvirtd-binary": TEST_REQS["nope"]}
-
-    async def main() -> Any:
-        async with sshd:
-            t = RealTransports(sshd.spec(), libvirt_socket=str(tmp_path / "none.sock"))
-            try:
-                return await check_prerequisites(
-                    t, "h1", {"libvirtd", "libvirtd-binary"}, requirements=reqs
-                )
-            finally:
-                await t.close()
-
-    [m] = asyncio.run(main())
+    [m] = _check_libvirtd(sshd, tmp_path, TEST_REQS["nope"])
     assert m.need == "libvirtd-binary"
 
 
