@@ -349,34 +349,16 @@ async def serve(args: argparse.Namespace, authorized_text: str) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(
-        signal.SIGUSR1,
-        lambda: print(
-            json.dumps(
-                {
-                    "connections": counters.connections,
-                    "execs": counters.execs,
-                    "forwards": counters.forwards,
-                    "unknown": counters.unknown,
-                }
-            ),
-            flush=True,
-        ),
-    )
+
+    def report() -> None:
+        counts = ("connections", "execs", "forwards", "unknown")
+        print(json.dumps({k: getattr(counters, k) for k in counts}), flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
     await stop.wait()
     for srv in servers:
         srv.close()
-    print(
-        json.dumps(
-            {
-                "connections": counters.connections,
-                "execs": counters.execs,
-                "forwards": counters.forwards,
-                "unknown": counters.unknown,
-            }
-        ),
-        flush=True,
-    )
+    report()
 
 
 def main(argv: list[str] | None = None) -> int:
