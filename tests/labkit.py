@@ -99,6 +99,20 @@ def apply(
     return asyncio.run(run())
 
 
+def converge(path: Path = LAB_SPEC, *, events: Callable[[Any], None] | None = None) -> Report:
+    """``apply`` that must converge (what failed is the assertion's message)."""
+    report = apply(path, events=events)
+    assert report.converged, [o.as_dict() for o in report.failed]
+    return report
+
+
+def home(lab: Lab) -> Lab:
+    """specs/lab.yaml applied and the guest counting on kvm-1."""
+    converge(LAB_SPEC)
+    wait_counter(lab)
+    return lab
+
+
 def pending(p: Plan) -> dict[str, list[tuple[str, str]]]:
     """id -> [(field, drift class)] for every change in a plan."""
     return {str(c.id): [(d.field, d.drift) for d in c.diffs] for c in p.pending}

@@ -16,8 +16,10 @@ from labkit import (
     MIGRATED_SPEC,
     apply,
     cli,
+    converge,
     defined_on,
     file_sha,
+    home,
     kill_daemon,
     pending,
     plan,
@@ -37,12 +39,12 @@ pytestmark = pytest.mark.lab
 def apply_until(
     spec: Path,
     trigger: Callable[[dict[str, Any]], bool],
-    action: Callable[[], None],
+    action: Callable[[], None] | signal.Signals,
     extra: tuple[str, ...] = (),
     timeout: float = 300,
 ) -> tuple[int, list[dict[str, Any]], str]:
-    """Run `kvmstate apply --json`; call ``action`` once, at the first event ``trigger`` likes.
-    Returns exit code, events, stderr."""
+    """Run `kvmstate apply --json`; at the first event ``trigger`` likes, call ``action`` once,
+    or send that signal to kvmstate itself. Returns exit code, events, stderr."""
     proc = spawn("apply", spec, "--auto-approve", "--json", *extra)
     events: list[dict[str, Any]] = []
     fired = False
@@ -54,7 +56,10 @@ def apply_until(
         events.append(event)
         if not fired and trigger(event):
             fired = True
-            action()
+            if isinstance(action, signal.Signals):
+                proc.send_signal(action)
+            else:
+                action()
     code = proc.wait(timeout=timeout)
     assert proc.stderr is not None
     err = proc.stderr.read()
@@ -103,10 +108,7 @@ def _alive(lab: Lab, name: str, host: str) -> bool:
 
 @pytest.fixture
 def converged(fresh: Lab) -> Lab:
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
-    wait_counter(fresh)
-    return fresh
+    return home(fresh)
 
 
 @pytest.mark.parametrize("when", ["before", "during", "after"])
@@ -135,8 +137,7 @@ def test_sshd_of_a_kvm_host_killed_around_its_mount_step(fresh: Lab, when: str) 
     assert "images" in virsh(lab, "kvm-1", "pool-list", "--name")
     restart_daemon(lab, "sshd", "kvm-2")
     fstab_whole(lab, "kvm-2")
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
+    converge(LAB_SPEC)
     assert pending(plan(LAB_SPEC)) == {}
     wait_counter(lab)
 
@@ -166,8 +167,7 @@ def test_libvirtd_killed_during_a_migration(converged: Lab, tmp_path: Path, vict
     _settle(lab)
     assert_one_guest(lab)
     wait_counter(lab, above=before)
-    report = apply(LAB_SPEC)  # and the next apply converges, guest back home on kvm-1
-    assert report.converged, [o.as_dict() for o in report.failed]
+    converge(LAB_SPEC)  # and the next apply converges, guest back home on kvm-1
     assert_one_guest(lab, "kvm-1")
 
 
@@ -186,13 +186,7 @@ def test_kvmstate_killed_during_a_migration_resumes_on_the_next_apply(
 ) -> None:
     lab = converged
     before = wait_counter(lab)
-    proc = spawn("apply", slow(tmp_path), "--auto-approve", "--json")
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if '"migration-progress"' in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    apply_until(slow(tmp_path), is_event("migration-progress"), signal.SIGKILL, timeout=60)
     _settle(lab)
     assert_one_guest(lab)
     wait_counter(lab, above=before)
@@ -205,20 +199,15 @@ def test_kvmstate_killed_during_a_migration_resumes_on_the_next_apply(
 
 def test_kvmstate_killed_during_a_config_write_leaves_whole_files(fresh: Lab) -> None:
     lab = fresh
-    proc = spawn("apply", LAB_SPEC, "--auto-approve", "--json")
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if '"apply-start"' in line and "export:storage:images" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    apply_until(
+        LAB_SPEC, is_event("apply-start", "export:storage:images"), signal.SIGKILL, timeout=60
+    )
     fstab_whole(lab, "storage")
     exports = lab.run("storage", ["cat", "/etc/exports"]).stdout
     for line in exports.splitlines():
         if line.strip() and not line.startswith("#"):
             assert line.rstrip().endswith(")"), exports
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
+    converge(LAB_SPEC)
     assert_one_guest(lab, "kvm-1")
 
 
@@ -238,8 +227,7 @@ def test_the_nfs_server_stopped_nothing_is_unmounted_or_redefined(converged: Lab
         assert len(defined_on(lab)) == 1
     finally:
         restart_daemon(lab, "ganesha", "storage")
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
+    converge(LAB_SPEC)
     assert_one_guest(lab, "kvm-1")
     wait_counter(lab)
 
@@ -271,8 +259,7 @@ def test_disk_full_on_the_storage_host_while_creating_a_volume(fresh: Lab, tmp_p
         assert defined_on(lab) == {"kvm-1": "shut off"}
     finally:
         lab.run("storage", ["rm", "-f", "/srv/images/filler"])
-    report = apply(bigger)
-    assert report.converged, [o.as_dict() for o in report.failed]
+    converge(bigger)
     assert file_sha(lab, "kvm-1", disk) == sha
 
 
@@ -281,14 +268,10 @@ def test_ctrl_c_during_a_migration_aborts_it_and_the_guest_stays_on_the_source(
 ) -> None:
     lab = converged
     before = wait_counter(lab)
-    proc = spawn("apply", slow(tmp_path), "--auto-approve", "--json")
-    assert proc.stdout is not None and proc.stderr is not None
-    for line in proc.stdout:
-        if '"migration-progress"' in line:
-            proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-            break
-    code = proc.wait(timeout=120)
-    err = proc.stderr.read()
+    # SIGINT is what Ctrl-C sends
+    code, _events, err = apply_until(
+        slow(tmp_path), is_event("migration-progress"), signal.SIGINT, timeout=120
+    )
     assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err, err
     # aborted, not left running: the guest is where it was, with no migration job on it
@@ -359,6 +342,5 @@ def test_target_link_cut_during_a_migration_then_restored(
     _settle(lab)
     assert_one_guest(lab, lands_on)
     wait_counter(lab, above=before)
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
+    converge(LAB_SPEC)
     assert_one_guest(lab, "kvm-1")

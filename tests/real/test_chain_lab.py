@@ -10,12 +10,14 @@ import pytest
 from labkit import (
     GUEST,
     LAB_SPEC,
-    apply,
     cli,
+    converge,
     defined_on,
+    home,
     pending,
     plan,
     plan_with_stats,
+    variant,
     virsh,
     wait_counter,
 )
@@ -67,10 +69,7 @@ def test_apply_from_empty_converges_in_one_run_and_the_guest_boots(bare_lab: Lab
 @pytest.fixture(scope="module")
 def converged(lab: Lab) -> Iterator[Lab]:
     lab.reset()
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
-    wait_counter(lab)
-    yield lab
+    yield home(lab)
 
 
 # A change made behind kvmstate's back, the resource it must show up on, and its drift class.
@@ -131,8 +130,7 @@ def test_three_runs_and_drift_behind_our_back_is_seen_and_restored(
     seen = pending(plan(LAB_SPEC))
     assert rid in seen, seen
     assert drift_class in {c for _, c in seen[rid]}, seen
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
+    report = converge(LAB_SPEC)
     changed = {str(o.id) for o in report.outcomes if o.status is Status.CHANGED}
     assert rid in changed
     assert pending(plan(LAB_SPEC)) == {}
@@ -160,17 +158,16 @@ def test_observing_the_converged_lab_opens_one_ssh_connection_per_host(converged
 
 
 def test_unreachable_host_fails_its_branch_and_names_it(converged: Lab, tmp_path: Path) -> None:
-    spec = tmp_path / "ghost.yaml"
-    spec.write_text(
-        LAB_SPEC.read_text()
-        .replace(
+    spec = variant(
+        tmp_path,
+        "ghost",
+        lambda t: t.replace(
             "  kvm-2: {address: 10.77.0.12}",
             "  kvm-2: {address: 10.77.0.12}\n"
             "  ghost: {address: 10.77.0.99, ssh: {connect_timeout: 2s}}",
-        )
-        .replace(
+        ).replace(
             "hosts: [kvm-1, kvm-2]\n    mountpoint", "hosts: [kvm-1, kvm-2, ghost]\n    mountpoint"
-        )
+        ),
     )
     r = cli("apply", spec, "--auto-approve")
     assert r.returncode == 1
@@ -189,11 +186,12 @@ def test_wrong_host_key_is_refused_with_a_clear_message(converged: Lab, tmp_path
         for line in known
     ]
     (tmp_path / "known_hosts").write_text("\n".join(forged) + "\n")
-    spec = tmp_path / "forged.yaml"
-    spec.write_text(
-        LAB_SPEC.read_text().replace(
+    spec = variant(
+        tmp_path,
+        "forged",
+        lambda t: t.replace(
             "known_hosts: /var/lib/kvmstate-lab/known_hosts", f"known_hosts: {tmp_path}/known_hosts"
-        )
+        ),
     )
     r = cli("plan", spec)
     assert r.returncode == 1
@@ -207,11 +205,10 @@ def test_permission_denied_names_the_host_and_the_key(converged: Lab, tmp_path: 
     import subprocess
 
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    spec = tmp_path / "stranger.yaml"
-    spec.write_text(
-        LAB_SPEC.read_text().replace(
-            "identity: /var/lib/kvmstate-lab/id_ed25519", f"identity: {key}"
-        )
+    spec = variant(
+        tmp_path,
+        "stranger",
+        lambda t: t.replace("identity: /var/lib/kvmstate-lab/id_ed25519", f"identity: {key}"),
     )
     r = cli("plan", spec)
     assert r.returncode == 1

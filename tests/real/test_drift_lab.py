@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labkit import GUEST, LAB_SPEC, ROOT, apply, cli, defined_on, spawn, wait_counter
+from labkit import GUEST, LAB_SPEC, ROOT, apply, cli, defined_on, spawn, variant, wait_counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmstate.lab.lab import Lab
@@ -126,14 +126,13 @@ def test_drift_is_quiet_when_converged_then_reports_each_hand_change(
 
 
 def test_drift_exits_1_when_it_cannot_tell(converged: Lab, tmp_path: Path) -> None:
-    spec = tmp_path / "ghost.yaml"
-    spec.write_text(
-        LAB_SPEC.read_text()
-        .replace("10.77.0.12", "10.77.0.98")
-        .replace(
+    spec = variant(
+        tmp_path,
+        "ghost",
+        lambda t: t.replace("10.77.0.12", "10.77.0.98").replace(
             "identity: /var/lib/kvmstate-lab/id_ed25519",
             "identity: /var/lib/kvmstate-lab/id_ed25519\n  connect_timeout: 2s",
-        )
+        ),
     )
     r = cli("drift", spec)
     assert r.returncode == 1
@@ -194,14 +193,13 @@ def test_second_apply_names_the_holder_and_a_killed_holder_frees_the_lock(
 def test_two_concurrent_applies_one_waits_for_the_other(converged: Lab, tmp_path: Path) -> None:
     """A slow apply (a bandwidth-limited migration that times out after 6 s) holds the lock;
     a second apply started meanwhile waits for it, then finds nothing to do."""
-    slow = tmp_path / "slow.yaml"
-    slow.write_text(
-        LAB_SPEC.read_text()
-        .replace(
+    slow = variant(
+        tmp_path,
+        "slow",
+        lambda t: t.replace(
             "migration: {max_downtime: 300ms, timeout: 2m}",
             "migration: {max_downtime: 1ms, bandwidth: 1MiB, timeout: 6s}",
-        )
-        .replace("host: kvm-1", "host: kvm-2")
+        ).replace("host: kvm-1", "host: kvm-2"),
     )
     state = tmp_path / "state"
     other = tmp_path / "other-machine"  # a second machine: its own local lock, same cluster

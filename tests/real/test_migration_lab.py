@@ -12,7 +12,9 @@ from labkit import (
     MIGRATED_SPEC,
     apply,
     cli,
+    converge,
     defined_on,
+    home,
     pending,
     plan,
     variant,
@@ -29,10 +31,7 @@ pytestmark = pytest.mark.lab
 @pytest.fixture(scope="module")
 def on_kvm1(lab: Lab) -> Iterator[Lab]:
     lab.reset()
-    report = apply(LAB_SPEC)
-    assert report.converged, [o.as_dict() for o in report.failed]
-    wait_counter(lab)
-    yield lab
+    yield home(lab)
 
 
 @pytest.fixture
@@ -209,8 +208,7 @@ def test_two_guests_swap_hosts_without_overcommitting_either(
         assert "room once lab-guest-2 leaves kvm-2" in said, r.stdout
         counters = {d: wait_counter(lab, domain=d) for d in ("lab-guest", "lab-guest-2")}
         events: list[dict[str, Any]] = []
-        report = apply(swapped, events=events.append)
-        assert report.converged, [o.as_dict() for o in report.failed]
+        converge(swapped, events=events.append)
         done = [e["domain"] for e in events if e.get("event") == "migration-done"]
         assert done == ["lab-guest-2", "lab-guest"], done
         assert defined_on(lab) == {"kvm-2": "running"}
