@@ -358,18 +358,14 @@ def cmd_apply(args: argparse.Namespace, out: Any, err: Any, loaded: Any = None) 
 
     async def run() -> int:
         engine, transports = _engine(loaded, graph, args, printer)
-        # every host's SSH connection opens while the cluster lock is taken on the storage
-        # host (the plan shares these attempts; their errors are the plan's to report)
-        preconnect = getattr(transports, "connect_all", None)
-        warming = asyncio.ensure_future(preconnect()) if preconnect else None
-        if warming is not None:
-            warming.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # every SSH and libvirt connection the plan needs opens while the cluster lock is
+        # taken on the storage host (the plan shares these attempts and reports their errors)
+        warming = asyncio.ensure_future(engine.warm_up())
         try:
             async with _cluster_lock(transports, loaded, args, err):
                 return await locked(engine)
         finally:
-            if warming is not None:
-                warming.cancel()
+            warming.cancel()
             printer.close()
             await transports.close()
 

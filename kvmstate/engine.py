@@ -134,6 +134,26 @@ class Engine:
         finally:
             self.ctx.end_memo()
 
+    async def warm_up(self) -> None:
+        """Open the connections the plan will use, reading nothing: every host's SSH
+        connection, and the libvirt connection of every host with a libvirt resource, all in
+        parallel. ``apply`` runs this while it takes the cluster lock. Failures are left to
+        the plan, which meets them again and reports them."""
+        order = self.graph.order()
+        connect_all = getattr(self.ctx.transports, "connect_all", None)
+
+        async def libvirt(host: str) -> None:
+            await self.ctx.libvirt(host).connect()
+
+        results = await asyncio.gather(
+            *([connect_all()] if connect_all is not None else []),
+            *(libvirt(h) for h in self._hosts_of(order, lambda r: r.uses_libvirt)),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                log.debug("warming up: %s", r)
+
     def _hosts_of(
         self, order: list[ResourceId], pred: Callable[[Resource[Any]], bool]
     ) -> list[str]:

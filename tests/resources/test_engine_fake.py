@@ -67,3 +67,46 @@ def test_converge_in_one_run_then_drift_everywhere_then_restore() -> None:
     assert st2 is not None and st2.state == "running"
     assert "migration-done" in [e["event"] for e in events]
     run(cluster.close())
+
+
+def test_warm_up_opens_connections_and_reads_nothing() -> None:
+    """What apply runs while it takes the cluster lock: every host's SSH connection and the
+    libvirt connection of the hosts with libvirt resources (not the storage host), no command
+    and no libvirt call; a host that fails is left for the plan to report."""
+    spec = make_spec()
+    cluster = FakeCluster(spec)
+    prepare(cluster)
+    cluster["kvm-2"].reachable = False
+    opened: list[str] = []
+    ssh: list[None] = []
+
+    class Recording:
+        def __init__(self, host: str) -> None:
+            self.inner = cluster.libvirt(host)
+
+        async def connect(self) -> object:
+            conn = await self.inner.connect()
+            opened.append(self.inner.host)
+            return conn
+
+        async def run(self, *a: object) -> object:
+            raise AssertionError(f"warm_up made a libvirt call {a}")
+
+    class Transports:
+        def shell(self, host: str) -> object:
+            raise AssertionError(f"warm_up ran a command on {host}")
+
+        def libvirt(self, host: str) -> Recording:
+            return Recording(host)
+
+        async def connect_all(self) -> None:
+            ssh.append(None)
+
+        async def close(self) -> None:
+            return None
+
+    engine = Engine(build_graph(spec, KINDS), RunContext(spec, Transports()))  # type: ignore[arg-type]
+    run(engine.warm_up())
+    assert ssh == [None]
+    assert sorted(opened) == ["kvm-1"]  # kvm-2 is unreachable, storage has no libvirt
+    assert cluster.round_trips() == {"storage": 0, "kvm-1": 0, "kvm-2": 0}
