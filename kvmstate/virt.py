@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ NO_SUPPORT = 3
 NO_DOMAIN = 42
 NO_POOL = 49
 NO_VOLUME = 50
+OPERATION_INVALID = 55  # VIR_ERR_OPERATION_INVALID
 
 
 def _silence(_ctx: object, _err: object) -> None:
@@ -108,7 +110,9 @@ def observe_pool(conn: Any, name: str) -> PoolState | None:
     if pool is None:
         return None
     active = bool(pool.isActive())
-    vols = frozenset(pool.listVolumes()) if active else frozenset()
+    # listAllVolumes is one call (listVolumes is two: the count, then the names); a volume
+    # object's name() is local
+    vols = frozenset(v.name() for v in pool.listAllVolumes(0)) if active else frozenset()
     return PoolState(parse_pool_path(pool.XMLDesc(0)), active, bool(pool.autostart()), vols)
 
 
@@ -161,10 +165,16 @@ def pool_is_active(conn: Any, name: str) -> bool | None:
 def observe_volume(conn: Any, pool_name: str, name: str) -> VolumeState | None:
     """None when the pool is missing or inactive (check ``pool_is_active`` to tell apart)."""
     pool = lookup_pool(conn, pool_name)
-    if pool is None or not pool.isActive():
+    if pool is None:
         return None
-    vol = lookup_volume(pool, name)
-    return None if vol is None else parse_volume_xml(vol.XMLDesc(0))
+    try:
+        vol = pool.storageVolLookupByName(name)
+    except _libvirt().libvirtError as e:
+        # missing, or the pool is not active (asked of the lookup, not in a call of its own)
+        if e.get_error_code() in (NO_VOLUME, OPERATION_INVALID):
+            return None
+        raise
+    return parse_volume_xml(vol.XMLDesc(0))
 
 
 def create_volume(conn: Any, pool_name: str, name: str, fmt: str, capacity: int) -> None:
@@ -204,9 +214,19 @@ def observe_domain(conn: Any, name: str) -> DomainState | None:
     if dom is None:
         return None
     state = domain_state_name(dom.state()[0])
-    config = parse_domain_xml(dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE))
-    live = parse_domain_xml(dom.XMLDesc(0)) if dom.isActive() else None
+    # The current definition tells by itself whether the domain is active (only a running
+    # definition carries an id), so a shut-off domain costs one definition call, not three.
+    current = dom.XMLDesc(0)
+    if _LIVE_XML.match(current):
+        live = parse_domain_xml(current)
+        config = parse_domain_xml(dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE))
+    else:
+        live, config = None, parse_domain_xml(current)
     return DomainState(config, live, state, bool(dom.autostart()), bool(dom.isPersistent()))
+
+
+# the root element of an ACTIVE domain's definition: <domain type='kvm' id='3'>
+_LIVE_XML = re.compile(r"""\s*<domain\b[^>]*\sid=['"]\d+['"]""")
 
 
 def define_domain(conn: Any, xml: str) -> None:

@@ -145,5 +145,6 @@ def test_virt_error_codes_match_the_libvirt_module() -> None:
     assert virt.NO_DOMAIN == libvirt.VIR_ERR_NO_DOMAIN
     assert virt.NO_POOL == libvirt.VIR_ERR_NO_STORAGE_POOL
     assert virt.NO_VOLUME == libvirt.VIR_ERR_NO_STORAGE_VOL
+    assert virt.OPERATION_INVALID == libvirt.VIR_ERR_OPERATION_INVALID
     assert virt.domain_state_name(libvirt.VIR_DOMAIN_SHUTOFF) == "shut-off"
     assert virt.domain_state_name(libvirt.VIR_DOMAIN_BLOCKED) == "running"
