@@ -161,10 +161,14 @@ class Engine:
             {h for rid in order if pred(self.graph[rid]) for h in self.graph[rid].hosts()}
         )
 
-    async def _read_hosts(self, order: list[ResourceId]) -> dict[str, tuple[prereq.Missing, ...]]:
-        """One batched read per host (every resource's facts, plus what the host lacks of the
-        commands and devices they need), all hosts in parallel, with the libvirt connections
-        opening beside them. Returns what each host lacks."""
+    def _read_hosts(
+        self, order: list[ResourceId]
+    ) -> tuple[dict[str, asyncio.Task[tuple[prereq.Missing, ...]]], list[asyncio.Task[None]]]:
+        """Start one batched read per host (every resource's facts, plus what the host lacks
+        of the commands and devices they need), all hosts in parallel, with the libvirt
+        connections opening beside them. Each host's task ends with what that host lacks, so
+        a resource is observed as soon as ITS hosts are read: a slow host holds up only its
+        own resources. Returns (host -> read task, libvirt connection tasks)."""
         by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
         for rid in order:
             for host, fact in self.graph[rid].facts():
@@ -176,12 +180,19 @@ class Engine:
         for h, fact in checks.items():
             by_host[h].append(fact)
 
-        async def prefetch(host: str, facts: list[Fact[Any]]) -> None:
+        async def read(host: str, facts: list[Fact[Any]]) -> tuple[prereq.Missing, ...]:
             self.ctx.emit({"event": "observe-host", "host": host})
             try:
                 await self._retry(f"facts on {host}", lambda: self.ctx.facts(host).prefetch(facts))
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
                 log.debug("prefetch on %s failed: %s", host, exc)
+            if host not in checks:
+                return ()
+            try:
+                return await self.ctx.facts(host).get(checks[host])
+            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
+                log.debug("prerequisites of %s unknown: %s", host, exc)
+                return ()
 
         async def warm(host: str) -> None:
             try:
@@ -189,28 +200,37 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
                 log.debug("libvirt on %s: %s", host, exc)
 
-        await asyncio.gather(
-            *(prefetch(h, fs) for h, fs in by_host.items()),
-            *(warm(h) for h in self._hosts_of(order, lambda r: r.uses_libvirt)),
-        )
-        lacking: dict[str, tuple[prereq.Missing, ...]] = {}
-        for h, fact in checks.items():
-            try:
-                lacking[h] = await self.ctx.facts(h).get(fact)
-            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
-                log.debug("prerequisites of %s unknown: %s", h, exc)
-        return lacking
+        reads = {h: asyncio.ensure_future(read(h, fs)) for h, fs in by_host.items()}
+        warming = [
+            asyncio.ensure_future(warm(h)) for h in self._hosts_of(order, lambda r: r.uses_libvirt)
+        ]
+        return reads, warming
 
     async def _observe_all(self, order: list[ResourceId], started: float) -> Plan:
-        lacking = await self._read_hosts(order)
+        reads, warming = self._read_hosts(order)
+        try:
+            return await self._observe_each(order, started, reads)
+        except BaseException:
+            for t in (*reads.values(), *warming):
+                t.cancel()
+            raise
+        finally:
+            await asyncio.gather(*reads.values(), *warming, return_exceptions=True)
 
+    async def _observe_each(
+        self,
+        order: list[ResourceId],
+        started: float,
+        reads: dict[str, asyncio.Task[tuple[prereq.Missing, ...]]],
+    ) -> Plan:
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}
 
         async def observe(rid: ResourceId) -> Change | None:
             r = self.graph[rid]
             needs = r.requirements()
-            missing = [m for h in r.hosts() for m in lacking.get(h, ()) if m.need in needs]
+            lacking = [m for h in r.hosts() if h in reads for m in await reads[h]]
+            missing = [m for m in lacking if m.need in needs]
             if missing:
                 errors[rid] = "; ".join(str(m) for m in missing)
                 return None

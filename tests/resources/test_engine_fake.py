@@ -110,3 +110,59 @@ def test_warm_up_opens_connections_and_reads_nothing() -> None:
     assert ssh == [None]
     assert sorted(opened) == ["kvm-1"]  # kvm-2 is unreachable, storage has no libvirt
     assert cluster.round_trips() == {"storage": 0, "kvm-1": 0, "kvm-2": 0}
+
+
+def test_a_slow_host_holds_up_only_its_own_resources() -> None:
+    """The storage host's read is let through only once a resource on a KVM host has been
+    observed: an engine that waited for every host's read before observing anything would
+    never get there (and fail the 10 s bound here)."""
+    import asyncio
+
+    spec = make_spec()
+    cluster = FakeCluster(spec)
+    prepare(cluster)
+    events: list[Event] = []
+    kvm_seen = asyncio.Event()
+    storage_read_done = asyncio.Event()
+
+    def emit(e: Event) -> None:
+        events.append(e)
+        if e.get("event") == "observed" and ":kvm-" in str(e.get("id")):
+            kvm_seen.set()
+
+    class SlowStorage:
+        def __init__(self) -> None:
+            self.inner = cluster.shell("storage")
+            self.host = "storage"
+
+        async def run(self, *a: object, **kw: object) -> object:
+            return await self.inner.run(*a, **kw)  # type: ignore[arg-type]
+
+        async def run_many(self, argvs: object) -> object:
+            await kvm_seen.wait()
+            try:
+                return await self.inner.run_many(argvs)  # type: ignore[arg-type]
+            finally:
+                storage_read_done.set()
+
+    class Transports:
+        def shell(self, host: str) -> object:
+            return SlowStorage() if host == "storage" else cluster.shell(host)
+
+        def libvirt(self, host: str) -> object:
+            return cluster.libvirt(host)
+
+        async def close(self) -> None:
+            return None
+
+    async def scenario() -> None:
+        ctx = RunContext(spec, Transports(), Options(), emit)  # type: ignore[arg-type]
+        plan = await asyncio.wait_for(Engine(build_graph(spec, KINDS), ctx).plan(), 10)
+        assert storage_read_done.is_set()
+        assert not plan.errors, plan.errors
+        assert {str(c.id) for c in plan.changes} == {str(rid) for rid in plan.order}
+
+    run(scenario())
+    observed = [str(e["id"]) for e in events if e.get("event") == "observed"]
+    first_storage = min(i for i, x in enumerate(observed) if ":storage:" in x)
+    assert any(":kvm-" in x for x in observed[:first_storage])
