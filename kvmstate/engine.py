@@ -442,7 +442,7 @@ class Engine:
         """Re-observe right before mutating. None = nothing left to do."""
         for h in r.hosts():
             self.ctx.invalidate(h)
-        observed = await self._retry(str(r.id), lambda: r.observe(self.ctx))
+        observed = await self._retry(str(r.id), lambda: r.recheck(self.ctx))
         fresh = self._gate(r.diff(observed))
         if fresh.is_noop:
             return None

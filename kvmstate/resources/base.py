@@ -167,6 +167,12 @@ class Resource(ABC, Generic[ObsT]):
     @abstractmethod
     async def observe(self, ctx: RunContext) -> ObsT | None: ...
 
+    async def recheck(self, ctx: RunContext) -> ObsT | None:
+        """What apply observes right before it mutates (the engine then compares it with the
+        plan). Default: ``observe``. A kind may leave out a check that its ``apply`` makes
+        again itself, under a lock, just after."""
+        return await self.observe(ctx)
+
     @abstractmethod
     def diff(self, observed: ObsT | None) -> Change: ...
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from kvmstate import hostfacts, virt
 from kvmstate.checks import covering_mount
 from kvmstate.errors import KvmstateError, RefusedError
+from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Check
 from kvmstate.resources.base import Resource, RunContext
@@ -105,7 +106,15 @@ class PlacementResource(Resource[PlacementObs]):
             return self.d.host
         return current if current in allowed else allowed[0]
 
-    async def observe(self, ctx: RunContext, *, preflight: bool = True) -> PlacementObs | None:
+    async def recheck(self, ctx: RunContext) -> PlacementObs | None:
+        # The target's memory and bridges are checked again by apply itself, under the
+        # target's lock and net of the migrations in flight (``_check_target``): reading
+        # them here as well would be one more round trip to the target for nothing.
+        return await self.observe(ctx, target_facts=False)
+
+    async def observe(
+        self, ctx: RunContext, *, preflight: bool = True, target_facts: bool = True
+    ) -> PlacementObs | None:
         found = await locate(ctx, self.name, self.hosts())
         if len(found) > 1:
             raise KvmstateError(f"domain {self.name} is defined on {', '.join(sorted(found))}")
@@ -114,11 +123,13 @@ class PlacementResource(Resource[PlacementObs]):
         host, st = next(iter(found.items()))
         target = self.target_for(host)
         checks: tuple[Check, ...] = ()
-        memory = None
+        mem = None
         if target != host and preflight:
-            found_checks, memory = await self._preflight(ctx, host, target, st.state == "running")
+            found_checks, mem = await self._preflight(
+                ctx, host, target, st.state == "running", target_facts
+            )
             checks = tuple(found_checks)
-        return PlacementObs(host, st.state, target, checks, memory)
+        return PlacementObs(host, st.state, target, checks, mem)
 
     async def _target_memory(self, ctx: RunContext, dst: str) -> TargetMemory:
         held = {n: b for n, b in ctx.reserved_memory.get(dst, {}).items() if n != self.name}
@@ -137,7 +148,7 @@ class PlacementResource(Resource[PlacementObs]):
         return TargetMemory(free - reserved, committed + reserved, cap)
 
     async def _preflight(
-        self, ctx: RunContext, src: str, dst: str, running: bool
+        self, ctx: RunContext, src: str, dst: str, running: bool, target_facts: bool
     ) -> tuple[list[Check], TargetMemory | None]:
         out: list[Check] = []
         mem = None
@@ -181,12 +192,30 @@ class PlacementResource(Resource[PlacementObs]):
             virt.cpu_compatible, sconn, dconn, self.name
         )
         out.append(Check("cpu", compatible is not False, detail))
+        if target_facts:
+            target_checks, mem = await self._target_checks(ctx, dst, running)
+            out += target_checks
+        return out, mem
+
+    async def _target_checks(
+        self, ctx: RunContext, dst: str, running: bool
+    ) -> tuple[list[Check], TargetMemory | None]:
+        """The checks read from the target's shell, in one round trip: memory (for a
+        running domain) and the bridges its interfaces need."""
+        out: list[Check] = []
+        mem = None
         facts = ctx.facts(dst)
-        await facts.prefetch([hostfacts.MEM_AVAILABLE, hostfacts.BRIDGES])
+        bridges = {i.bridge for i in self.d.interfaces if i.bridge}
+        wanted: list[Fact[Any]] = []
+        if running:
+            wanted.append(hostfacts.MEM_AVAILABLE)
+        if bridges:
+            wanted.append(hostfacts.BRIDGES)
+        if wanted:
+            await facts.prefetch(wanted)
         if running:
             mem = await self._target_memory(ctx, dst)
             out.append(Check("memory", mem.fits(self.d.memory), mem.describe(dst, self.d.memory)))
-        bridges = {i.bridge for i in self.d.interfaces if i.bridge}
         if bridges:
             have = await facts.get(hostfacts.BRIDGES)
             missing = sorted(bridges - have)
@@ -323,8 +352,9 @@ class PlacementResource(Resource[PlacementObs]):
             ctx.semaphore(f"migrate-out:{src}", out_limit),
             ctx.semaphore(f"migrate-in:{dst}", in_limit),
         ):
-            if cur.state == "running":
-                await self._reserve_memory(ctx, dst)
+            running = cur.state == "running"
+            await self._check_target(ctx, dst, running)
+            if running:
                 try:
                     await self._migrate_live(ctx, src, dst)
                 finally:
@@ -333,18 +363,22 @@ class PlacementResource(Resource[PlacementObs]):
                 await self._move_defined(ctx, src, dst)
         return await self.observe(ctx)
 
-    async def _reserve_memory(self, ctx: RunContext, dst: str) -> None:
-        """Check the target's memory again, now, net of the migrations in flight onto it, and
-        hold this guest's share until the migration ends (one check at a time per host)."""
+    async def _check_target(self, ctx: RunContext, dst: str, running: bool) -> None:
+        """Check the target's memory and bridges again, now, in one round trip, net of the
+        migrations in flight onto it; a running guest's memory is then held until its
+        migration ends (one check at a time per target host)."""
         async with ctx.lock(f"memory:{dst}"):
             ctx.invalidate(dst)
-            mem = await self._target_memory(ctx, dst)
-            if not mem.fits(self.d.memory):
+            checks, _ = await self._target_checks(ctx, dst, running)
+            failed = [c for c in checks if not c.ok]
+            if failed:
+                why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
                 raise RefusedError(
-                    f"migration of {self.name} to {dst} refused: memory: "
-                    f"{mem.describe(dst, self.d.memory)}; the domain stays where it is"
+                    f"migration of {self.name} to {dst} refused: {why}; "
+                    "the domain stays where it is"
                 )
-            ctx.reserved_memory.setdefault(dst, {})[self.name] = self.d.memory
+            if running:
+                ctx.reserved_memory.setdefault(dst, {})[self.name] = self.d.memory
 
     async def _move_defined(self, ctx: RunContext, src: str, dst: str) -> None:
         slv, dlv = ctx.libvirt(src), ctx.libvirt(dst)

@@ -150,3 +150,63 @@ def test_preferred_stays_put_when_not_ready_and_floating_never_moves(
     spec, mctx, _ = moved_ctx(cluster, floating)
     assert run(plan(find(spec, "placement"), mctx)).is_noop
     assert where(cluster) == {"kvm-1": "running"}
+
+
+def test_apply_reads_the_targets_memory_once_under_its_lock(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    """Between the approved plan and the migration, the target gets one shell round trip:
+    memory and bridges read under its lock (the re-check before applying leaves them to
+    it). Before, the re-check read them too: two round trips."""
+    from kvmstate.engine import Engine
+    from kvmstate.graph import build_graph
+    from kvmstate.model import Status
+    from kvmstate.resources import KINDS
+
+    run(converge_upto(ctx, "placement"))
+    spec, mctx, _ = moved_ctx(cluster)
+    engine = Engine(build_graph(spec, KINDS), mctx)
+    approved = run(engine.plan())
+    migrate = [c for c in approved.changes if c.action is Action.MIGRATE]
+    assert [c.id.kind for c in migrate] == ["placement"]
+    assert {c.name for c in migrate[0].checks} >= {"memory", "cpu"}
+    for h in cluster.hosts.values():
+        h.round_trips = 0
+    n = len(cluster["kvm-2"].history)
+    report = run(engine.apply(approved))
+    assert report.converged
+    assert [o.status for o in report.outcomes if o.id.kind == "placement"] == [Status.CHANGED]
+    assert where(cluster) == {"kvm-2": "running"}
+    assert cluster["kvm-2"].round_trips == 1
+    assert sorted(cluster["kvm-2"].history[n:]) == [  # in that one round trip
+        ("cat", "--", "/proc/meminfo"),
+        ("ip", "-o", "link", "show", "type", "bridge"),
+    ]
+
+
+def test_target_that_changed_after_the_plan_is_refused_at_apply(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    """Memory and bridges are left out of the re-check, so apply's own check under the
+    target's lock is what stops a migration onto a target that lost them since the plan."""
+    from kvmstate.engine import Engine
+    from kvmstate.graph import build_graph
+    from kvmstate.model import Status
+    from kvmstate.resources import KINDS
+
+    run(converge_upto(ctx, "placement"))
+    spec, mctx, _ = moved_ctx(cluster)
+    engine = Engine(build_graph(spec, KINDS), mctx)
+    approved = run(engine.plan())
+    assert any(c.action is Action.MIGRATE and not c.blocked for c in approved.changes)
+    k2 = cluster["kvm-2"]
+    k2.bridges.clear()
+    k2.mem_available = 64 * 2**20
+    report = run(engine.apply(approved))
+    [out] = [o for o in report.outcomes if o.id.kind == "placement"]
+    assert out.status is Status.FAILED and not report.converged
+    assert out.error is not None
+    assert "refused: memory:" in out.error and "; bridges: missing on kvm-2: br0" in out.error
+    assert "the domain stays where it is" in out.error
+    assert where(cluster) == {"kvm-1": "running"}
+    assert not mctx.reserved_memory.get("kvm-2")
