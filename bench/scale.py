@@ -198,6 +198,12 @@ def _one_n(st: _Setup, n: int) -> dict[str, Any]:
                     "plan_wall_median": median([g["plan_wall"] for g in got]),
                     "plan_cpu_median": median([g["plan_cpu"] for g in got]),
                 }
+        phases: dict[str, dict[str, float]] = {}
+        if n == st.what_if_n and sock:
+            _, proc = timed_run([PY, "-m", "bench.phases", str(spec_path)], timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench.phases failed: {proc.stderr[-2000:]}")
+            phases = json.loads(proc.stdout.strip().splitlines()[-1])
         cli_walls = []
         cli_rc = None
         for _ in range(max(1, runs - 1)):
@@ -241,6 +247,7 @@ def _one_n(st: _Setup, n: int) -> dict[str, Any]:
         "per_host": _per_host(first["detail"]),
         "server_counters_all_runs": server,
         "what_if": what_ifs,
+        "phases": phases,
     }
     ph = res["per_host"]
     print(
@@ -259,6 +266,11 @@ def _one_n(st: _Setup, n: int) -> dict[str, Any]:
         print(
             f"    what if [{variant}]: plan {w['plan_wall_median']:.3f}s, "
             f"client CPU {w['plan_cpu_median']:.2f}s"
+        )
+    for name, ph_ in phases.items():
+        print(
+            f"    phase {name:<28} client CPU {ph_['cpu_ms_per_host']:.2f} ms/host "
+            f"({ph_['cpu_s']:.2f} s over {ph_['hosts']:.0f} hosts), wall {ph_['wall_s']:.2f} s"
         )
     if res["n_errors"] or res["n_changes"]:
         print(f"    not converged! errors {res['errors_sample']} changes {res['changes_sample']}")
@@ -330,6 +342,29 @@ def _verdicts(result: dict[str, Any]) -> None:
                 None,
             )
         )
+        phases = hi.get("phases") or {}
+        if phases:
+            short = {
+                "ssh connect": "ssh",
+                "exec (1 batch)": "exec",
+                "libvirt open": "libvirt open",
+                "observe pool+volume+domain": "observe",
+                "1 libvirt call": "(1 call",
+                "close": "close",
+            }
+            parts = [
+                f"{short.get(k, k)} {v['cpu_ms_per_host']:.2f}"
+                + (")" if k == "1 libvirt call" else "")
+                for k, v in phases.items()
+            ]
+            lines.append(
+                row(
+                    f"B3 client CPU by phase @ {ns[-1]}, ms/host",
+                    ", ".join(parts),
+                    "(what dominates)",
+                    None,
+                )
+            )
         wi = hi.get("what_if") or {}
         base = wi.get("baseline")
         for variant, w in wi.items():
