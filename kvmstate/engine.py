@@ -232,7 +232,7 @@ class Engine:
             lacking = [m for h in r.hosts() if h in reads for m in await reads[h]]
             missing = [m for m in lacking if m.need in needs]
             if missing:
-                errors[rid] = "; ".join(str(m) for m in missing)
+                errors[rid] = "; ".join(self._lacks(m) for m in missing)
                 return None
             async with sem:
                 try:
@@ -250,6 +250,12 @@ class Engine:
         return Plan(
             changes, errors, tuple(order), time.monotonic() - started, self._deferred(changes)
         )
+
+    def _lacks(self, m: prereq.Missing) -> str:
+        host = self.ctx.spec.hosts.get(m.host)
+        if host is not None and m.package and m.package in host.packages:
+            return f"{m}; packages:{m.host} installs it first, then this is observed again"
+        return str(m)
 
     def _arrange(self, changes: tuple[Change, ...]) -> tuple[Change, ...]:
         """Each kind looks at its planned changes together (``Resource.arrange``): placement

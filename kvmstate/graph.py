@@ -1,8 +1,9 @@
 """The dependency graph of resources: a networkx DiGraph, edges dependency -> dependent.
 
 Built by two small transforms: expand every kind's resources from the spec, then connect each
-resource to what it ``depends_on``. A dependency that is itself ``state: absent`` is reversed
-(the dependent goes first when both are being removed). Cycles and missing nodes are errors.
+resource to what it ``depends_on`` (and to its hosts' ``packages``). A dependency that is
+itself ``state: absent`` is reversed (the dependent goes first when both are being removed).
+Cycles and missing nodes are errors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kvmstate.ids import ResourceId
 from kvmstate.resources.base import Resource
 
 _SECTION = {
+    "packages": "hosts",
     "subvolume": "subvolumes",
     "export": "exports",
     "mount": "mounts",
@@ -122,6 +124,15 @@ def build_graph(
                 g.add_edge(rid, dep)  # removal: the dependent goes first
             else:
                 g.add_edge(dep, rid)
+    # everything on a host stands on that host's packages (what its kind needs may come
+    # from there: the engine observes it again once they are installed)
+    for rid, r in resources.items():
+        if rid.kind == "packages":
+            continue
+        for h in r.hosts():
+            pkgs = ResourceId("packages", h, h)
+            if pkgs in resources:
+                g.add_edge(pkgs, rid)
     if not problems:
         try:
             cycle = nx.find_cycle(g)

@@ -281,7 +281,11 @@ class MigrationLimits(Model):
 class Host(Model):
     address: Address
     ssh: SSHOverrides | None = None
-    packages: list[Package] = Field(default_factory=list, description="apt packages to install")
+    packages: list[Package] = Field(
+        default_factory=list,
+        description="Debian packages apply installs (apt-get) before anything else on the "
+        "host; a name taken off the list stays installed",
+    )
     drain: bool = Field(default=False, description="move every domain off this host")
     migrations: MigrationLimits = Field(default_factory=MigrationLimits)
     max_guest_memory: Annotated[Size, Field(gt=0)] | None = Field(

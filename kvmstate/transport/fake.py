@@ -30,6 +30,7 @@ import libvirt
 from kvmstate import virt, virtxml
 from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import Spec
+from kvmstate.transport import prereq
 from kvmstate.transport.base import CommandResult
 from kvmstate.transport.fake_cmds import (
     Fail,
@@ -66,6 +67,8 @@ class FakeHost:
         self.groups: set[str] = {"root"}
         self.mem_available = 8 * 1024**3
         self.missing: set[str] = set()  # prerequisite probes that fail ("cmd:btrfs")
+        self.packages: set[str] = set()  # installed Debian packages (dpkg knows every name)
+        self.apt_lists_fresh = True  # False: apt-get install fails until apt-get update
         self.nfs_as_fuse = False  # show NFS mounts as fuse.glusterfs (the lab's client)
         self.reachable = True
         self.failures: dict[tuple[str, ...], tuple[int, str, str]] = {}
@@ -82,6 +85,13 @@ class FakeHost:
         fs = FakeBtrfs(node, label, uuid or f"uuid-{len(self.btrfs)}")
         self.btrfs[node] = fs
         return fs
+
+    def install(self, packages: Sequence[str]) -> None:
+        """Install ``packages``: what each provides (prereq.REQUIREMENTS) stops being missing."""
+        self.packages.update(packages)
+        for r in prereq.REQUIREMENTS.values():
+            if r.package in packages:
+                self.missing.discard(f"cmd:{r.check}" if r.kind == "command" else f"dev:{r.check}")
 
     def fail(self, argv_prefix: Sequence[str], stderr: str = "failed", status: int = 1) -> None:
         """Make every command starting with ``argv_prefix`` fail."""

@@ -92,6 +92,25 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             return ""
         case ("sh", "-c", script, "kvmstate-prereq", *probes) if script == prereq.CHECK_SCRIPT:
             return "".join(f"missing {p}\n" for p in probes if p in h.missing)
+        case ("dpkg-query", "-W", "-f", _fmt, "--", *pkgs):
+            return "".join(f"{p}\t{'ii ' if p in h.packages else 'un '}\n" for p in pkgs)
+        case ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "update"):
+            h.apt_lists_fresh = True
+            return ""
+        case (
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "--",
+            *pkgs,
+        ):
+            if not h.apt_lists_fresh:
+                raise Fail(f"E: Unable to locate package {pkgs[0]}", 100)
+            h.install(pkgs)
+            return ""
         case ("sh", "-c", script) if script == nfsexports.EXPORTS_D_SCRIPT:
             out = []
             for p in sorted(h.files):

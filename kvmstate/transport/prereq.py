@@ -56,11 +56,13 @@ REQUIREMENTS: dict[str, Requirement] = {
             "libvirtd", "daemon", "libvirt-daemon-system", "libvirtd", "pools, volumes, domains"
         ),
         Requirement("kvm", "device", None, "/dev/kvm", "domains of type kvm"),
+        Requirement("apt-get", "command", "apt", "apt-get", "installing packages"),
     )
 }
 
 #: What each resource kind needs on the hosts it touches.
 KIND_NEEDS: dict[str, frozenset[str]] = {
+    "packages": frozenset({"apt-get"}),
     "subvolume": frozenset({"btrfs", "mount"}),
     "export": frozenset({"exportfs"}),
     "mount": frozenset({"mount", "mount.nfs"}),
@@ -90,6 +92,8 @@ class Missing:
 def needs_for_host(spec: Spec, host: str) -> set[str]:
     """The requirement names ``host`` needs for the resources the spec puts on it. Pure."""
     needs: set[str] = set()
+    if spec.hosts[host].packages:
+        needs |= KIND_NEEDS["packages"]
     if any(sv.host == host for sv in spec.subvolumes.values()):
         needs |= KIND_NEEDS["subvolume"]
     if any(e.host == host for e in spec.exports.values()):
@@ -238,20 +242,37 @@ def _validate(packages: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(packages))
 
 
-async def missing_packages(shell: Shell, packages: Sequence[str]) -> list[str]:
-    """Which of ``packages`` are not installed (dpkg status other than ``ii``)."""
+def dpkg_query(packages: Sequence[str]) -> tuple[str, ...]:
+    """The argv that lists the dpkg status of ``packages`` (validated names)."""
     pkgs = _validate(packages)
-    if not pkgs:
-        return []
-    res = await shell.run(
-        ["dpkg-query", "-W", "-f", "${Package}\\t${db:Status-Abbrev}\\n", "--", *pkgs],
-        check=False,
-    )
+    return ("dpkg-query", "-W", "-f", "${Package}\\t${db:Status-Abbrev}\\n", "--", *pkgs)
+
+
+def parse_installed(res: CommandResult) -> frozenset[str]:
+    """The installed ones (dpkg status ``ii``) in ``dpkg_query``'s output. Exit 1 is an
+    answer (a name dpkg has never seen), anything else an error."""
+    if res.exit_status not in (0, 1):
+        raise ParseError(res.host, "dpkg-query", f"exit {res.exit_status}: {res.stderr.strip()}")
     installed = set()
     for line in res.stdout.splitlines():
         name, _, status = line.partition("\t")
         if status.startswith("ii"):
             installed.add(name.split(":")[0])  # drop an ":amd64" arch suffix
+    return frozenset(installed)
+
+
+def installed_fact(packages: Sequence[str]) -> Fact[frozenset[str]]:
+    """Which of ``packages`` are installed: one ``dpkg-query``, batched with the host's reads."""
+    argv = dpkg_query(packages)
+    return Fact(f"dpkg:{','.join(argv[5:])}", argv, parse_installed)
+
+
+async def missing_packages(shell: Shell, packages: Sequence[str]) -> list[str]:
+    """Which of ``packages`` are not installed (dpkg status other than ``ii``)."""
+    pkgs = _validate(packages)
+    if not pkgs:
+        return []
+    installed = parse_installed(await shell.run(dpkg_query(pkgs), check=False))
     return [p for p in pkgs if p not in installed]
 
 
