@@ -98,6 +98,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         'the same cores, so the CPU columns say who used them. "plan wall" is '
         '`Engine.plan()` with fresh transports (connects included); "warm pass" is a second '
         "plan over the open connections.",
+        "- B3 by phase (`bench.phases`, a new process, at the largest N): the same work as a "
+        "no-op plan one phase at a time over all hosts in parallel (SSH connect, one exec batch, "
+        "libvirt open, the pool+volume+domain observation, one extra libvirt call, close); "
+        "client CPU per host for each. The CPU floor row adds client, server and libvirtd CPU "
+        "and divides by the cores: the plan's wall cannot go below it on this machine.",
         "- B1b: `bench.minimal` does only the reads a no-op plan needs (taken from kvmstate's "
         "graph): asyncssh to every host in parallel, one exec, libvirt over the same connection.",
         "- B1: `ansible-playbook --check` with the same checks (community.general, ansible.posix, "

@@ -342,6 +342,21 @@ def _verdicts(result: dict[str, Any]) -> None:
                 None,
             )
         )
+        # The machine's CPU is shared by kvmstate, the simulated servers and libvirtd: the
+        # wall cannot go below their CPU over the cores, whatever kvmstate overlaps.
+        cores = os.cpu_count() or 1
+        used = hi["plan_cpu_median"] + hi["sim_server_cpu_median"] + hi["libvirtd_cpu_median"]
+        checks["cpu_floor_s"] = used / cores
+        lines.append(
+            row(
+                f"B3 wall @ {ns[-1]} vs its CPU floor",
+                f"{hi['plan_wall_median']:.2f} s vs {used / cores:.2f} s "
+                f"({hi['plan_cpu_median']:.2f} client + {hi['sim_server_cpu_median']:.2f} "
+                f"servers + {hi['libvirtd_cpu_median']:.2f} libvirtd CPU / {cores} cores)",
+                "(why not flat)",
+                None,
+            )
+        )
         phases = hi.get("phases") or {}
         if phases:
             short = {
