@@ -259,12 +259,14 @@ def test_sudo_prefix(sshd: LocalSSHD) -> None:
 
     async def body(t: RealTransports) -> None:
         assert (await t.shell("h1").run(["echo", "x y"])).stdout == "x y\n"
-        [r] = await t.shell("h1").run_many([["echo", "z"]])
+        [r] = await t.shell("h1").run_many([["echo", "z"]])  # one command: no batch wrapper
         assert r.stdout == "z\n"
+        r, _ = await t.shell("h1").run_many([["echo", "w"], ["true"]])
+        assert r.stdout == "w\n"
 
     with_transports(sshd, body, user="deploy", sudo=True, verify_host_key=True)
     logged = sshd.sudo_log.read_text().splitlines()
-    assert logged == ["-n -- echo x y", "-n -- sh -s"]
+    assert logged == ["-n -- echo x y", "-n -- echo z", "-n -- sh -s"]
 
 
 # --- run_many() --------------------------------------------------------------------------------
@@ -309,6 +311,26 @@ def test_run_many_separate_results_with_tricky_output(sshd: LocalSSHD) -> None:
     assert [x.argv for x in r][:2] == [("printf", "%s", "no newline"), r[1].argv]
     assert all(x.host == "h1" for x in r)
     assert sshd.sessions == 1  # one exec channel for all twelve
+
+
+def test_run_many_of_one_command_keeps_the_contract(sshd: LocalSSHD) -> None:
+    """A single command goes without the batch wrapper: one exec, its own exit status and
+    output, never raised."""
+
+    async def body(t: RealTransports) -> list[Any]:
+        sh = t.shell("h1")
+        return [
+            *(await sh.run_many([["sh", "-c", "echo out; echo err >&2; exit 3"]])),
+            *(await sh.run_many([["exit", "4"]])),
+            *(await sh.run_many([["definitely-not-a-command-kvmstate"]])),
+        ]
+
+    a, b, c = with_transports(sshd, body)
+    assert (a.exit_status, a.stdout, a.stderr) == (3, "out\n", "err\n")
+    assert a.argv == ("sh", "-c", "echo out; echo err >&2; exit 3")
+    assert b.exit_status == 4
+    assert c.exit_status == 127 and "not found" in c.stderr
+    assert sshd.sessions == 3
 
 
 def test_run_many_large_output_and_empty(sshd: LocalSSHD) -> None:
