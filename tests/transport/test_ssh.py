@@ -313,6 +313,33 @@ def test_run_many_separate_results_with_tricky_output(sshd: LocalSSHD) -> None:
     assert sshd.sessions == 1  # one exec channel for all twelve
 
 
+def test_run_many_runs_its_reads_concurrently_in_order(sshd: LocalSSHD, tmp_path: Path) -> None:
+    """The first command can only succeed if the second runs while it waits (a one-after-
+    another batch would fail it after its 10 s bound); more commands than the concurrency
+    cap (16) still get their own statuses and outputs, in order."""
+    flag = tmp_path / "flag"
+    waits = (
+        'i=0; while [ ! -e "$0" ]; do i=$((i+1)); [ $i -lt 200 ] || exit 9; sleep 0.05; done; '
+        "echo saw-it"
+    )
+
+    async def body(t: RealTransports) -> list[Any]:
+        return await t.shell("h1").run_many(
+            [
+                ["sh", "-c", waits, str(flag)],
+                ["touch", "--", str(flag)],
+                *(["sh", "-c", f"echo out-{n}; exit {n}"] for n in range(40)),
+            ]
+        )
+
+    first, second, *rest = with_transports(sshd, body)
+    assert (first.exit_status, first.stdout) == (0, "saw-it\n")
+    assert second.exit_status == 0
+    assert [r.exit_status for r in rest] == list(range(40))
+    assert [r.stdout for r in rest] == [f"out-{n}\n" for n in range(40)]
+    assert sshd.sessions == 1
+
+
 def test_run_many_of_one_command_keeps_the_contract(sshd: LocalSSHD) -> None:
     """A single command goes without the batch wrapper: one exec, its own exit status and
     output, never raised."""
@@ -383,7 +410,9 @@ def test_batch_temp_dir_is_private_and_removed(tmp_path: Path) -> None:
 
     nonce = "ef" * 16
     script = batch_script([["sh", "-c", 'stat -c %a "$(dirname "$0")"'], ["true"]], nonce)
-    script = script.replace('( "$@" )', '( if [ "$1" = sh ]; then set -- "$@" "$d/0.o"; fi; "$@" )')
+    wrapped = '  if [ "$1" = sh ]; then set -- "$@" "$d/0.o"; fi; "$@" </dev/null'
+    assert '  "$@" </dev/null' in script
+    script = script.replace('  "$@" </dev/null', wrapped)
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     out = subprocess.run(["sh", "-s"], input=script.encode(), capture_output=True, env=env).stdout
     res = parse_batch_output("h", [["x"], ["true"]], nonce, out)
