@@ -13,7 +13,7 @@ import logging
 
 from kvmstate.spec import Spec, SSHOverrides
 from kvmstate.transport.base import Libvirt, Shell, Transports
-from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, ssh_uri
+from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, SocketDir, ssh_uri
 from kvmstate.transport.ssh import DEFAULT_MAX_SESSIONS, SSHHost, SSHShell, SSHTarget
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class RealTransports:
         self._hosts: dict[str, SSHHost] = {}
         self._shells: dict[str, SSHShell] = {}
         self._libvirts: dict[str, LibvirtOverSSH] = {}
+        self._sockets = SocketDir()  # the local ends of every host's libvirt forward
 
     def ssh_host(self, host: str) -> SSHHost:
         ssh = self._hosts.get(host)
@@ -78,6 +79,7 @@ class RealTransports:
                 self.ssh_host(host),
                 remote_socket=self.libvirt_socket,
                 threads=self.libvirt_threads,
+                sockets=self._sockets,
             )
             self._libvirts[host] = lv
         return lv
@@ -110,6 +112,7 @@ class RealTransports:
         hosts, self._hosts = list(self._hosts.values()), {}
         self._shells = {}
         errors = await asyncio.gather(*(lv.close() for lv in libvirts), return_exceptions=True)
+        self._sockets.remove()
         errors += await asyncio.gather(*(h.close() for h in hosts), return_exceptions=True)
         for e in errors:
             if isinstance(e, BaseException):

@@ -93,6 +93,37 @@ def test_forward_over_the_same_connection(sshd: LocalSSHD, tmp_path: Path) -> No
     asyncio.run(main())
 
 
+def test_every_hosts_forward_is_in_one_private_directory(sshd: LocalSSHD, tmp_path: Path) -> None:
+    """One 0700 directory per run holds each host's socket (not a directory per host); a
+    forward made again (the connection was replaced) reuses its name; close removes it all."""
+    remote = str(tmp_path / "remote.sock")
+
+    async def main() -> None:
+        echo = await asyncio.start_unix_server(_echo, path=remote)
+        async with sshd:
+            t = RealTransports(sshd.spec(hosts=3), libvirt_socket=remote)
+            locals_ = [await t.libvirt(h).forward() for h in ("h1", "h2", "h3")]
+            parent = os.path.dirname(locals_[0])
+            assert [os.path.basename(p) for p in locals_] == ["h1.sock", "h2.sock", "h3.sock"]
+            assert {os.path.dirname(p) for p in locals_} == {parent}
+            assert stat.S_IMODE(os.stat(parent).st_mode) == 0o700
+            lv = t.libvirt("h2")
+            await lv._teardown()  # what a replaced SSH connection leads to
+            assert sorted(os.listdir(parent)) == ["h1.sock", "h3.sock"]
+            assert await lv.forward() == locals_[1]
+            reader, writer = await asyncio.open_unix_connection(locals_[1])
+            writer.write(b"again")
+            await writer.drain()
+            assert await reader.read(100) == b"echo:again"
+            writer.close()
+            await t.close()
+            assert not os.path.exists(parent)
+        echo.close()
+        await echo.wait_closed()
+
+    asyncio.run(main())
+
+
 def test_libvirt_open_over_forward_reports_daemon_not_answering(
     sshd: LocalSSHD, tmp_path: Path
 ) -> None:
