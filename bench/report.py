@@ -101,8 +101,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         "- B3 by phase (`bench.phases`, a new process, at the largest N): the same work as a "
         "no-op plan one phase at a time over all hosts in parallel (SSH connect, one exec batch, "
         "libvirt open, the pool+volume+domain observation, one extra libvirt call, close); "
-        "client CPU per host for each. The CPU floor row adds client, server and libvirtd CPU "
-        "and divides by the cores: the plan's wall cannot go below it on this machine.",
+        "client CPU per host for each. The CPU floors row: the plan's wall cannot go below "
+        "kvmstate's own CPU (one event loop: one core), nor below all the CPU used (client, "
+        "simulated servers, libvirtd) over the machine's cores.",
         "- B1b: `bench.minimal` does only the reads a no-op plan needs (taken from kvmstate's "
         "graph): asyncssh to every host in parallel, one exec, libvirt over the same connection.",
         "- B1: `ansible-playbook --check` with the same checks (community.general, ansible.posix, "
