@@ -159,19 +159,11 @@ def test_evacuate_moves_every_domain_off_a_host(guest_home: Lab, tmp_path: Path)
 
 def _two_guests(tmp_path: Path, name: str, a_on: str, b_on: str, caps: dict[str, str]) -> Path:
     """specs/lab.yaml plus a second guest (its own volume) and per-host memory caps."""
-    import copy
-
     import yaml
+    from specedit import add_second_guest
 
     data = yaml.safe_load(LAB_SPEC.read_text())
-    data["volumes"]["lab-guest-2.qcow2"] = dict(data["volumes"]["lab-guest.qcow2"])
-    g2 = copy.deepcopy(data["domains"]["lab-guest"])
-    g2["disks"][0]["volume"] = "lab-guest-2.qcow2"
-    g2["serial"]["path"] = "/var/log/libvirt/qemu/lab-guest-2.serial.log"
-    data["domains"]["lab-guest-2"] = g2
-    data["domains"]["lab-guest"]["host"], g2["host"] = a_on, b_on
-    for host, cap in caps.items():
-        data["hosts"][host]["max_guest_memory"] = cap
+    add_second_guest(data, "lab-guest", "lab-guest-2", a_on, b_on, caps)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -4,10 +4,10 @@ swap between two full hosts, and two domains onto one host that takes only one o
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from fakelab import make_spec, prepare, run
+from specedit import add_second_guest
 
 from kvmstate.engine import Engine
 from kvmstate.graph import build_graph
@@ -23,15 +23,7 @@ A, B = ResourceId("placement", "guest"), ResourceId("placement", "guest2")
 
 def two_guests(a_on: str, b_on: str, caps: dict[str, str] | None = None) -> Spec:
     data: dict[str, Any] = make_spec().model_dump(mode="json", exclude_none=True)
-    data["volumes"]["guest2.qcow2"] = dict(data["volumes"]["guest.qcow2"])
-    g2 = copy.deepcopy(data["domains"]["guest"])
-    g2["disks"][0]["volume"] = "guest2.qcow2"
-    g2["serial"]["path"] = "/var/log/libvirt/qemu/guest2-serial.log"
-    data["domains"]["guest2"] = g2
-    data["domains"]["guest"]["host"], g2["host"] = a_on, b_on
-    for host, cap in (caps or {}).items():
-        data["hosts"][host]["max_guest_memory"] = cap
-    return Spec.model_validate(data)
+    return Spec.model_validate(add_second_guest(data, "guest", "guest2", a_on, b_on, caps or {}))
 
 
 def engine(spec: Spec, cluster: FakeCluster, events: list[Event] | None = None) -> Engine:
