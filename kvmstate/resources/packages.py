@@ -67,6 +67,7 @@ class PackagesResource(Resource[PackagesState]):
     async def apply(self, change: Change, ctx: RunContext) -> PackagesState:
         missing = list(change.data["missing"])
         self.log.info("installing on %s: %s", self.name, " ".join(missing))
-        await prereq.install_packages(ctx.shell(self.name), missing, timeout=APT_TIMEOUT)
+        # the engine re-read them right before this: no second dpkg query
+        await prereq.apt_install(ctx.shell(self.name), missing, timeout=APT_TIMEOUT)
         ctx.invalidate(self.name)
         return await self.observe(ctx)

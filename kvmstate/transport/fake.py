@@ -91,7 +91,7 @@ class FakeHost:
         self.packages.update(packages)
         for r in prereq.REQUIREMENTS.values():
             if r.package in packages:
-                self.missing.discard(f"cmd:{r.check}" if r.kind == "command" else f"dev:{r.check}")
+                self.missing.discard(prereq.probe_of(r))
 
     def fail(self, argv_prefix: Sequence[str], stderr: str = "failed", status: int = 1) -> None:
         """Make every command starting with ``argv_prefix`` fail."""

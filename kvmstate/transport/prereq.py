@@ -124,7 +124,8 @@ CHECK_SCRIPT = (
 )
 
 
-def _probe(r: Requirement) -> str:
+def probe_of(r: Requirement) -> str:
+    """The check script's word for ``r``: ``cmd:NAME`` or ``dev:PATH``."""
     return f"cmd:{r.check}" if r.kind == "command" else f"dev:{r.check}"
 
 
@@ -143,7 +144,7 @@ def _absent(res: CommandResult) -> set[str]:
 
 
 async def _check_local(shell: Shell, reqs: Sequence[Requirement]) -> list[Missing]:
-    probes = [_probe(r) for r in reqs]
+    probes = [probe_of(r) for r in reqs]
     res = await shell.run(["sh", "-c", CHECK_SCRIPT, "kvmstate-prereq", *probes])
     absent = _absent(res)
     return [_missing(shell.host, r) for r, p in zip(reqs, probes, strict=True) if p in absent]
@@ -158,7 +159,7 @@ def host_fact(spec: Spec, host: str) -> Fact[tuple[Missing, ...]]:
         for n in sorted(needs_for_host(spec, host))
         if REQUIREMENTS[n].kind != "daemon"
     ]
-    probes = tuple(_probe(r) for r in reqs)
+    probes = tuple(probe_of(r) for r in reqs)
 
     def parse(res: CommandResult) -> tuple[Missing, ...]:
         absent = _absent(res)
@@ -287,6 +288,16 @@ async def install_packages(
     if not todo:
         log.debug("%s: packages already installed: %s", shell.host, ", ".join(packages))
         return []
+    await apt_install(shell, todo, timeout=timeout)
+    return todo
+
+
+async def apt_install(
+    shell: Shell, packages: Sequence[str], *, timeout: float | None = 1800.0
+) -> None:
+    """``apt-get install`` ``packages`` (known to be missing: no dpkg query first), with one
+    ``apt-get update`` and a retry when apt does not know one yet."""
+    todo = _validate(packages)
     install = [*_APT_ENV, "apt-get", "install", "-y", "--no-install-recommends", "--", *todo]
     log.info("%s: installing %s", shell.host, " ".join(todo))
     res = await shell.run(install, check=False, timeout=timeout)
@@ -295,4 +306,3 @@ async def install_packages(
         await shell.run([*_APT_ENV, "apt-get", "update"], timeout=timeout)
         res = await shell.run(install, check=False, timeout=timeout)
     res.check()
-    return todo

@@ -76,6 +76,9 @@ def test_install_only_the_missing_ones_then_nothing() -> None:
     ]
     assert (*prereq._APT_ENV, "apt-get", "update") in cluster["kvm-1"].history
     assert cluster["kvm-1"].packages == {"qemu-utils", "qemu-system-x86"}
+    # dpkg asked by the plan, the re-check right before installing, and the check after it;
+    # the install itself does not ask again
+    assert sum(a[0] == "dpkg-query" for a in cluster["kvm-1"].history) == 3
     again = run(engine(cluster).plan())
     assert not again.has_changes and not again.errors
     assert {str(c.id): c.reason for c in again.changes}["packages:kvm-1:kvm-1"] == (
