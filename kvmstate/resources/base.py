@@ -36,7 +36,6 @@ class Options:
 
     allow_destroy: bool = False
     adopt: bool = False
-    install_packages: bool = False
 
 
 class RunContext:
