@@ -139,20 +139,26 @@ class Engine:
         connection, and the libvirt connection of every host with a libvirt resource, all in
         parallel. ``apply`` runs this while it takes the cluster lock. Failures are left to
         the plan, which meets them again and reports them."""
-        order = self.graph.order()
         connect_all = getattr(self.ctx.transports, "connect_all", None)
-
-        async def libvirt(host: str) -> None:
-            await self.ctx.libvirt(host).connect()
-
         results = await asyncio.gather(
             *([connect_all()] if connect_all is not None else []),
-            *(libvirt(h) for h in self._hosts_of(order, lambda r: r.uses_libvirt)),
+            *map(self._open_libvirt, self._libvirt_hosts(self.graph.order())),
             return_exceptions=True,
         )
         for r in results:
             if isinstance(r, BaseException):
                 log.debug("warming up: %s", r)
+
+    def _libvirt_hosts(self, order: list[ResourceId]) -> list[str]:
+        return self._hosts_of(order, lambda r: r.uses_libvirt)
+
+    async def _open_libvirt(self, host: str) -> None:
+        """Open ``host``'s libvirt connection ahead of its first use; a failure is left to the
+        observation that meets it again (and reports it)."""
+        try:
+            await self.ctx.libvirt(host).connect()
+        except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
+            log.debug("libvirt on %s: %s", host, exc)
 
     def _hosts_of(
         self, order: list[ResourceId], pred: Callable[[Resource[Any]], bool]
@@ -194,16 +200,8 @@ class Engine:
                 log.debug("prerequisites of %s unknown: %s", host, exc)
                 return ()
 
-        async def warm(host: str) -> None:
-            try:
-                await self.ctx.libvirt(host).connect()
-            except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
-                log.debug("libvirt on %s: %s", host, exc)
-
         reads = {h: asyncio.ensure_future(read(h, fs)) for h, fs in by_host.items()}
-        warming = [
-            asyncio.ensure_future(warm(h)) for h in self._hosts_of(order, lambda r: r.uses_libvirt)
-        ]
+        warming = [asyncio.ensure_future(self._open_libvirt(h)) for h in self._libvirt_hosts(order)]
         return reads, warming
 
     async def _observe_all(self, order: list[ResourceId], started: float) -> Plan:
