@@ -153,7 +153,7 @@ def _describe(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
 class SocketDir:
     """A private (0700) directory for the local ends of libvirt forwards: made on first use,
     removed by ``remove``. One per run (``RealTransports``) rather than one per host: making
-    and removing a directory per host was a third of the forward's cost at 200 hosts."""
+    and removing a directory per host was most of the forward's cost at 200 hosts."""
 
     def __init__(self) -> None:
         self._path: str | None = None
