@@ -5,19 +5,45 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-unit test-lab test-faults lint bench lab-up lab-down demo clean
+.PHONY: install lock test test-latest test-unit test-lab test-faults lint bench lab-up lab-down demo clean
 
-# Bytecode is compiled at install, as a regular pip install does (an editable one does not,
-# and with PYTHONDONTWRITEBYTECODE set every start would compile kvmstate again).
-$(STAMP): pyproject.toml scripts/install-system-deps.sh
+# Installs exactly the versions in uv.lock (hashes checked), never what a resolver picks today:
+# the versions CI tested are the versions a fresh machine gets. uv itself is bootstrapped with
+# pip at the version the lock names. Bytecode is compiled at install, as a regular pip install
+# does (an editable one does not, and with PYTHONDONTWRITEBYTECODE set every start would
+# compile kvmstate again).
+UV_VERSION := $(shell awk '/^name = "uv"$$/ {getline; gsub(/[^0-9.]/, ""); print}' uv.lock)
+UV         := $(BIN)/uv
+SYNC       := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --python $(PY) --no-python-downloads
+
+$(STAMP): pyproject.toml uv.lock scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,lab]'
+	$(UV) --version 2>/dev/null | grep -qx 'uv $(UV_VERSION)' || \
+	  $(PY) -m pip install -q --disable-pip-version-check 'uv==$(UV_VERSION)'
+	$(SYNC) -q --extra dev --extra lab
 	$(PY) -m compileall -q kvmstate
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh uv.lock on purpose: the newest versions pyproject.toml's ranges allow. Review the
+# diff, run `make test`, commit both.
+lock: $(STAMP)
+	$(UV) lock --upgrade --python $(PY) --no-python-downloads
+
+# The same suite against the newest releases a plain `pip install -e .` resolves today (no
+# lock), in its own venv: a new release of a dependency that breaks kvmstate shows up here as
+# a failing check, before users meet it.
+LATEST := .venv-latest
+test-latest: $(STAMP)
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(LATEST)/bin/pip install -q --disable-pip-version-check -e '.[dev,lab]'
+	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m compileall -q kvmstate
+	$(LATEST)/bin/pytest -q
 
 # The whole suite: unit, fake-transport and the real lab tests.
 test: $(STAMP)
@@ -41,7 +67,7 @@ lint: $(STAMP)
 # Brings the lab up (a fresh one) for B1, B1b, B2, B4 and B5, and takes it down after.
 # compileall: kvmstate edited since the install is measured with its bytecode up to date.
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,lab,bench]'
+	$(SYNC) -q --extra dev --extra lab --extra bench
 	$(PY) -m compileall -q kvmstate
 	$(PY) -m bench --setup-lab; rc=$$?; $(BIN)/kvmstate lab down; exit $$rc
 
@@ -55,4 +81,4 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(LATEST) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def test_the_tutorial_has_the_whole_story() -> None:
 
 def test_every_tutorial_command_runs_with_the_documented_exit_status(lab: Lab) -> None:
     lab.reset()
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "NO_COLOR": "1"}
+    venv_bin = Path(sys.executable).parent  # the venv running the tests (.venv or .venv-latest)
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "NO_COLOR": "1"}
     try:
         for cmd, expected in tutorial_commands():
             argv = shlex.split(cmd)
