@@ -272,7 +272,7 @@ def _write_ports(path: str, data: dict[str, Any]) -> None:
 
 
 async def serve(args: argparse.Namespace, authorized_text: str) -> None:
-    import asyncssh
+    from kvmstate.transport.sshlib import asyncssh
 
     hosts = layout(args.n, args.pool_dir)
     for h in hosts:

@@ -102,7 +102,7 @@ def _wait(what: str, fn: Callable[[], T | None], timeout: float, interval: float
 
 
 async def _ssh_check(lab: Lab) -> list[str]:
-    import asyncssh
+    from kvmstate.transport.sshlib import asyncssh
 
     cfg = lab.cfg
 

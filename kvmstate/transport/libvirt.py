@@ -40,9 +40,8 @@ from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import SSHSettings
 
 if TYPE_CHECKING:
-    from asyncssh import SSHListener
-
     from kvmstate.transport.ssh import SSHHost
+    from kvmstate.transport.sshlib import asyncssh
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -195,7 +194,7 @@ class LibvirtOverSSH:
         )
         self._lock = asyncio.Lock()
         self._conn: Any = None
-        self._listener: SSHListener | None = None
+        self._listener: asyncssh.SSHListener | None = None
         self._forward_conn: object = None
         self._own_sockets = sockets is None
         self._sockets = sockets if sockets is not None else SocketDir()

@@ -31,16 +31,11 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import asyncssh
 
 from kvmstate.errors import HostUnreachable, ParseError, TransportError
 from kvmstate.spec import SSHSettings
 from kvmstate.transport.base import CommandResult, quote_argv
-
-if TYPE_CHECKING:
-    from asyncssh import SSHClientConnection
+from kvmstate.transport.sshlib import asyncssh
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +230,7 @@ def _config_lookup(paths: list[str], address: str) -> dict[str, object]:
     if not paths:
         return {}
     try:
-        from asyncssh.config import SSHClientConfig
-
-        cfg = SSHClientConfig.load(
+        cfg = asyncssh.config.SSHClientConfig.load(
             None, paths, False, False, False, getpass.getuser(), (), address, ()
         )
     except (OSError, ValueError, asyncssh.Error) as e:
@@ -367,7 +360,7 @@ def known_hosts_for(path: str | None) -> object:
     return parsed
 
 
-async def open_connection(target: SSHTarget) -> SSHClientConnection:
+async def open_connection(target: SSHTarget) -> asyncssh.SSHClientConnection:
     """Connect and authenticate, or raise ``HostUnreachable`` saying why."""
     plan = plan_connect(target)
     where = plan.describe()
@@ -421,11 +414,11 @@ class SSHHost:
         self.host = target.host
         self.stats = HostStats()
         self.sessions = asyncio.Semaphore(max_sessions)
-        self._conn: SSHClientConnection | None = None
-        self._attempt: asyncio.Future[SSHClientConnection] | None = None
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._attempt: asyncio.Future[asyncssh.SSHClientConnection] | None = None
         self._failed: HostUnreachable | None = None
 
-    async def connection(self) -> SSHClientConnection:
+    async def connection(self) -> asyncssh.SSHClientConnection:
         """The open connection; connects on first use. Concurrent callers share one attempt
         and its outcome; a permanent failure (host key, auth, settings) is remembered for the
         run, a temporary one (network) is retried by the next caller."""
@@ -445,7 +438,7 @@ class SSHHost:
             if self._attempt is attempt and attempt.done():
                 self._attempt = None
 
-    async def _connect(self) -> SSHClientConnection:
+    async def _connect(self) -> asyncssh.SSHClientConnection:
         start = time.perf_counter()
         try:
             conn = await open_connection(self.target)
@@ -465,7 +458,7 @@ class SSHHost:
         self._conn = conn
         return conn
 
-    def lost(self, conn: SSHClientConnection, why: BaseException | str) -> HostUnreachable:
+    def lost(self, conn: asyncssh.SSHClientConnection, why: BaseException | str) -> HostUnreachable:
         """Forget a broken connection (the next use reconnects); the error to raise."""
         if self._conn is conn:
             self._conn = None

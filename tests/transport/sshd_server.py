@@ -16,9 +16,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import asyncssh
-
 from kvmstate.spec import Spec
+from kvmstate.transport.sshlib import asyncssh
 
 SUDO_SHIM = """#!/bin/sh
 # records the call, then behaves like `sudo -n -- CMD...` for root

@@ -10,13 +10,13 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
 import pytest
 
 from kvmstate.errors import HostUnreachable
 from kvmstate.loader import load_spec
 from kvmstate.spec import Spec
 from kvmstate.transport.real import RealTransports
+from kvmstate.transport.sshlib import asyncssh
 
 if TYPE_CHECKING:
     from kvmstate.lab.lab import Lab

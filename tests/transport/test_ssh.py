@@ -96,7 +96,7 @@ def test_verify_host_key_false_accepts_any_key(sshd: LocalSSHD) -> None:
 
 
 def test_auth_failure_is_permission_denied(sshd: LocalSSHD, tmp_path: Path) -> None:
-    import asyncssh
+    from kvmstate.transport.sshlib import asyncssh
 
     other = tmp_path / "other_key"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(other))
