@@ -112,7 +112,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     lab = Lab(args.dir)
     if cmd == "down":
         elapsed = lab.down()
-        console.print(f"[green]lab down[/] in {elapsed:.1f} s")
+        for what in lab.forced:
+            console.print(f"[yellow]lab down: had to kill {what}[/] (it ignored SIGTERM)")
+        console.print(f"[green]lab down[/] in {elapsed:.1f} s: no lab process is left")
         return 0
     if cmd == "status":
         _print_status(console, lab.status())

@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 
 from kvmstate.lab import guest, hosts, netns, nfsserver, specgen, storage
 from kvmstate.lab.config import BRIDGE, BTRFS_LABEL, DEFAULT_DIR, HostConfig, LabConfig
-from kvmstate.lab.proc import CommandError, LabError, PidRegistry, kill_pids, pid_alive, run
+from kvmstate.lab.proc import (
+    CommandError,
+    LabError,
+    PidRegistry,
+    kill_pids,
+    pid_alive,
+    run,
+    start_time,
+    wait_gone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ class Lab:
         saved = LabConfig.load(directory)
         self.cfg = LabConfig(directory, kvm_hosts if kvm_hosts is not None else saved.kvm_hosts)
         self.pids = PidRegistry(self.cfg.pids_file)
+        # what the last ``down`` had to SIGKILL ("NAME (pid N)"), for the user to see
+        self.forced: list[str] = []
 
     @property
     def dir(self) -> Path:
@@ -199,18 +210,30 @@ class Lab:
         for h in kvm_live:
             with contextlib.suppress(Exception):
                 self._unmount_nfs(h)
-        # 3. Daemons we recorded, by PID (libvirtd, sshd, ganesha, rpcbind...).
+        # 3. Daemons we recorded, by PID (libvirtd, sshd, ganesha, rpcbind...), and
+        # 4. whatever else runs inside the lab's namespaces (qemu, FUSE clients, ssh sessions).
+        # Each group is signalled in turn; then ONE wait until every process of the lab has
+        # left the process table (exited and reaped), so that nothing of the lab is listed
+        # once this returns.
         daemons = self.pids.load()
+        names = {d.pid: f"{d.name} on {d.host}" for d in daemons}
+        namespaces = {h.netns for h in cfg.hosts} | set(netns.lab_netns_names())
+        inside = [(pid, start_time(pid)) for n in sorted(namespaces) for pid in netns.netns_pids(n)]
+        everything = [(d.pid, d.started) for d in daemons] + inside
         order = ["libvirtd", "virtlogd", "sshd", "ganesha", "rpcbind"]
-        for name in order:
-            kill_pids([(d.pid, d.started) for d in daemons if d.name == name])
-        kill_pids([(d.pid, d.started) for d in daemons if d.name not in order])
-        # 4. Whatever still runs inside the lab's namespaces (qemu, FUSE clients, ssh sessions).
-        names = {h.netns for h in cfg.hosts} | set(netns.lab_netns_names())
-        leftovers = [(pid, None) for name in sorted(names) for pid in netns.netns_pids(name)]
+        groups = [[d for d in daemons if d.name == name] for name in order]
+        groups.append([d for d in daemons if d.name not in order])
+        forced: list[str] = []
+        for group in groups:
+            forced += kill_pids([(d.pid, d.started) for d in group], reap_timeout=0, names=names)
+        leftovers: list[tuple[int, int | None]] = [
+            (pid, None) for n in sorted(namespaces) for pid in netns.netns_pids(n)
+        ]
         if leftovers:
             log.info("stopping %d leftover processes in the lab's namespaces", len(leftovers))
-            kill_pids(leftovers)
+            forced += kill_pids(leftovers, reap_timeout=0)
+        wait_gone(everything + leftovers, names=names)
+        self.forced = forced
         # 5. Mounts inside the storage host (subvolume, top level), then the namespaces.
         st = cfg.storage
         if st.netns_path.exists() and st.mnt_ns.exists():

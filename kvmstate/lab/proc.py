@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,28 +199,77 @@ def spawn(
     return proc
 
 
-def kill_pids(pids: Sequence[tuple[int, int | None]], timeout: float = 5.0) -> None:
-    """SIGTERM the given (pid, start time) pairs, then SIGKILL what is left after ``timeout``."""
+def gone(pid: int, started: int | None = None) -> bool:
+    """True once ``pid`` has left the process table: exited AND reaped (a zombie is not gone:
+    ``ps`` still lists it). A PID reused by a newer process counts as gone."""
+    st = start_time(pid)
+    return st is None or (started is not None and st != started)
+
+
+def kill_pids(
+    pids: Sequence[tuple[int, int | None]],
+    timeout: float = 5.0,
+    reap_timeout: float = 10.0,
+    names: Mapping[int, str] | None = None,
+) -> list[str]:
+    """SIGTERM the given (pid, start time) pairs, SIGKILL what still runs after ``timeout``,
+    and return only when every one of them has left the process table (or ``reap_timeout``
+    later, saying which did not; 0 = do not wait for that). Our own children are reaped
+    here; an orphan is reaped by init, which on some machines does so a second or two late:
+    waiting for that is what makes "down returned" mean "nothing of it is left". Returns
+    what had to be SIGKILLed, as "NAME (pid N)"."""
+    label = names or {}
     live = [(p, s) for p, s in pids if pid_alive(p, s)]
+    waiting = [(p, s) for p, s in pids if not gone(p, s)]
     for pid, _ in live:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while live and time.monotonic() < deadline:
-        _reap([p for p, _ in live])
-        live = [(p, s) for p, s in live if pid_alive(p, s)]
-        if live:
-            time.sleep(0.02)
+    live = _wait(live, timeout, lambda p, s: not pid_alive(p, s))
+    killed = [f"{label.get(pid, _comm(pid))} (pid {pid})" for pid, _ in live]
     for pid, _ in live:
-        log.warning("pid %d ignored SIGTERM; killing it", pid)
+        log.warning("pid %d (%s) ignored SIGTERM for %.0f s; killing it", pid, _comm(pid), timeout)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2
-    while live and time.monotonic() < deadline:
-        _reap([p for p, _ in live])
-        live = [(p, s) for p, s in live if pid_alive(p, s)]
-        if live:
-            time.sleep(0.02)
+    if reap_timeout > 0:
+        wait_gone(waiting, reap_timeout, label)
+    return killed
+
+
+def wait_gone(
+    pids: Sequence[tuple[int, int | None]],
+    timeout: float = 10.0,
+    names: Mapping[int, str] | None = None,
+) -> list[int]:
+    """Wait until each (pid, start time) has left the process table; returns those still there
+    after ``timeout`` (each logged)."""
+    left = _wait([(p, s) for p, s in pids if not gone(p, s)], timeout, gone)
+    for pid, _ in left:
+        what = (names or {}).get(pid, _comm(pid))
+        log.warning("pid %d (%s) is still in the process table after %.0f s", pid, what, timeout)
+    return [p for p, _ in left]
+
+
+def _wait(
+    pids: list[tuple[int, int | None]],
+    timeout: float,
+    done: Callable[[int, int | None], bool],
+) -> list[tuple[int, int | None]]:
+    """Poll until ``done`` holds for every pid (reaping our own children); returns the rest."""
+    deadline = time.monotonic() + timeout
+    while pids:
+        _reap([p for p, _ in pids])
+        pids = [(p, s) for p, s in pids if not done(p, s)]
+        if not pids or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    return pids
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _reap(pids: Sequence[int]) -> None:

@@ -168,6 +168,38 @@ def test_up_recovers_from_a_crash_and_down_leaves_nothing(lab: Lab) -> None:
     assert lab.is_up()
 
 
+def test_cli_down_returns_only_when_no_lab_process_is_left(lab: Lab) -> None:
+    """Issue 14: `kvmstate lab up; kvmstate lab down`, each a new process as a script runs
+    them; at the moment `down` returns, not one process the lab started is in the process
+    table, not even as a zombie waiting for init to reap it (`ps` would list it)."""
+    import subprocess
+    import sys
+
+    from kvmstate.lab.proc import gone, start_time
+
+    def lab_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kvmstate.lab.cli", "--dir", str(lab.dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    up = lab_cli("up")
+    assert up.returncode == 0, up.stderr
+    started = [(d.pid, d.started) for d in lab.pids.load()]
+    names = {h.netns for h in lab.cfg.hosts}
+    started += [(p, start_time(p)) for n in sorted(names) for p in netns_pids(n)]
+    assert len(started) >= 9  # sshd x3, libvirtd + virtlogd x2, ganesha, rpcbind, reapers
+    down = lab_cli("down")
+    left = [pid for pid, st in started if not gone(pid, st)]
+    assert down.returncode == 0, down.stderr
+    assert left == [], [Path(f"/proc/{p}/stat").read_text() for p in left]
+    assert "no lab process is left" in down.stdout
+    lab.reset()  # the session's lab, up again
+    assert lab.is_up()
+
+
 def test_kvm_hosts_and_dir_variant(lab: Lab, tmp_path: Path) -> None:
     """`lab up --kvm-hosts 3 --dir DIR`: its own spec and connection files; one lab at a time."""
     import json

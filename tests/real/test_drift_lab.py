@@ -38,6 +38,39 @@ def classes(report: dict[str, object]) -> set[tuple[str, str]]:
     return {(str(e["id"]), str(e["class"])) for e in report["drift"]}  # type: ignore[attr-defined]
 
 
+def test_cron_run_of_drift_on_a_converged_lab_prints_nothing(converged: Lab) -> None:
+    """Issue 14: the installed `kvmstate` script, started the way cron starts it (a fresh
+    process, a bare environment: no PYTHONWARNINGS, no terminal, no stdin), on a converged
+    lab: `drift` exits 0 with empty stdout AND stderr (cron mails any output), and `plan`
+    prints no warning line of anyone's."""
+    kvmstate = Path(sys.executable).parent / "kvmstate"
+    cron_env = {
+        "HOME": os.environ.get("HOME", "/root"),
+        "LOGNAME": "root",
+        "SHELL": "/bin/sh",
+        "PATH": "/usr/bin:/bin",
+    }
+
+    def as_cron(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(kvmstate), *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=cron_env,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+
+    r = as_cron("drift", LAB_SPEC)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    r = as_cron("plan", LAB_SPEC)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr == ""
+    assert "No changes" in r.stdout
+    assert not [line for line in r.stdout.splitlines() if "Warning" in line], r.stdout
+
+
 def test_drift_is_quiet_when_converged_then_reports_each_hand_change(
     converged: Lab, tmp_path: Path
 ) -> None:
