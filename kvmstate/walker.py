@@ -59,9 +59,12 @@ class Dag(Generic[N]):
     order) and duplicates are dropped. An edge to an unknown node is a ``ValueError``; a
     self-loop is a :class:`CycleError`. Longer cycles are found by :meth:`order` and
     :func:`walk` (together with the walk's ``after`` edges).
+
+    Inside, a node is its position in rank order: walking touches only integers (a node's
+    own ``__hash__``, a dataclass's say, is called once per node, not once per edge).
     """
 
-    __slots__ = ("_dependencies", "_dependents", "_index", "_nodes")
+    __slots__ = ("_deps", "_index", "_nodes", "_succ")
 
     def __init__(
         self,
@@ -75,14 +78,13 @@ class Dag(Generic[N]):
             given.sort(key=rank)
         self._nodes: tuple[N, ...] = tuple(given)
         self._index: dict[N, int] = {n: i for i, n in enumerate(given)}
-        deps: dict[N, dict[N, None]] = {n: {} for n in given}
-        dependents: dict[N, dict[N, None]] = {n: {} for n in given}
-        for u, v in edges:
-            _check_edge(self._index, u, v)
+        deps: list[dict[int, None]] = [{} for _ in given]
+        succ: list[dict[int, None]] = [{} for _ in given]
+        for u, v in self._pairs(edges):
             deps[v][u] = None
-            dependents[u][v] = None
-        self._dependencies: dict[N, tuple[N, ...]] = {n: tuple(d) for n, d in deps.items()}
-        self._dependents: dict[N, tuple[N, ...]] = {n: tuple(d) for n, d in dependents.items()}
+            succ[u][v] = None
+        self._deps: tuple[tuple[int, ...], ...] = tuple(tuple(d) for d in deps)
+        self._succ: tuple[tuple[int, ...], ...] = tuple(tuple(d) for d in succ)
 
     @property
     def nodes(self) -> tuple[N, ...]:
@@ -100,58 +102,61 @@ class Dag(Generic[N]):
         return self._index[node]
 
     def dependencies(self, node: N) -> tuple[N, ...]:
-        return self._dependencies[node]
+        return tuple(self._nodes[i] for i in self._deps[self._index[node]])
 
     def dependents(self, node: N) -> tuple[N, ...]:
-        return self._dependents[node]
+        return tuple(self._nodes[i] for i in self._succ[self._index[node]])
 
     def order(self, after: Iterable[tuple[N, N]] = ()) -> list[N]:
         """A stable topological order: dependencies (and ``after`` predecessors) first, ties
         broken by rank. Raises :class:`CycleError` on a cycle."""
-        succ, indeg = self._successors(after)
-        heap = [self._index[n] for n in self._nodes if indeg[n] == 0]
-        heapq.heapify(heap)
-        out: list[N] = []
-        while heap:
-            n = self._nodes[heapq.heappop(heap)]
-            out.append(n)
-            for m in succ[n]:
-                indeg[m] -= 1
-                if indeg[m] == 0:
-                    heapq.heappush(heap, self._index[m])
-        if len(out) < len(self._nodes):
-            cycle = _find_cycle(succ, [n for n in self._nodes if indeg[n] > 0])
-            raise CycleError(cycle)
+        return [self._nodes[i] for i in self._order(self._pairs(after))]
+
+    def _pairs(self, edges: Iterable[tuple[N, N]]) -> list[tuple[int, int]]:
+        """Edges as positions; an unknown node is a ValueError, a self-loop a CycleError."""
+        index = self._index
+        out: list[tuple[int, int]] = []
+        for u, v in edges:
+            iu = index.get(u)
+            iv = index.get(v)
+            if iu is None or iv is None:
+                missing = u if iu is None else v
+                raise ValueError(f"edge {u} -> {v}: {missing} is not a node of the graph")
+            if iu == iv:
+                raise CycleError([u])
+            out.append((iu, iv))
         return out
 
-    def _successors(self, after: Iterable[tuple[N, N]]) -> tuple[dict[N, list[N]], dict[N, int]]:
-        """Successor lists and in-degrees over dependency and ``after`` edges together."""
-        succ = {n: list(ds) for n, ds in self._dependents.items()}
-        indeg = {n: len(ds) for n, ds in self._dependencies.items()}
+    def _order(self, after: Sequence[tuple[int, int]]) -> list[int]:
+        succ: list[list[int]] = [list(s) for s in self._succ]
+        indeg = [len(d) for d in self._deps]
         for u, v in after:
-            _check_edge(self._index, u, v)
             succ[u].append(v)
             indeg[v] += 1
-        return succ, indeg
+        heap = [i for i, d in enumerate(indeg) if d == 0]
+        out: list[int] = []
+        while heap:
+            i = heapq.heappop(heap)
+            out.append(i)
+            for j in succ[i]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    heapq.heappush(heap, j)
+        if len(out) < len(self._nodes):
+            cycle = _find_cycle(succ, [i for i, d in enumerate(indeg) if d > 0])
+            raise CycleError([self._nodes[i] for i in cycle])
+        return out
 
 
-def _check_edge(index: Mapping[Any, int], u: Hashable, v: Hashable) -> None:
-    for x in (u, v):
-        if x not in index:
-            raise ValueError(f"edge {u} -> {v}: {x} is not a node of the graph")
-    if u == v:
-        raise CycleError([u])
-
-
-def _find_cycle(succ: Mapping[N, Sequence[N]], candidates: Sequence[N]) -> list[N]:
+def _find_cycle(succ: Sequence[Sequence[int]], candidates: Sequence[int]) -> list[int]:
     """One cycle among ``candidates`` (the nodes a topological sort could not place; every
     one of them lies on a cycle or downstream of one), by an iterative depth-first search."""
     alive = set(candidates)
-    state: dict[N, int] = {}  # 1 = on the current path, 2 = done
+    state: dict[int, int] = {}  # 1 = on the current path, 2 = done
     for start in candidates:
         if start in state:
             continue
-        path: list[N] = [start]
+        path = [start]
         state[start] = 1
         stack = [iter(succ[start])]
         while stack:
@@ -206,9 +211,13 @@ async def walk(
     return await walker.run()
 
 
+_NONE = -1
+
+
 class _Walk(Generic[N, Out]):
-    """The state of one walk. Everything runs on the event loop's thread: visits are tasks,
-    and each task's done-callback updates the counters and starts what became ready."""
+    """The state of one walk, over node positions. Everything runs on the event loop's
+    thread: visits are tasks, and each task's done-callback records the outcome, updates
+    the counters and starts what became ready."""
 
     def __init__(
         self,
@@ -222,31 +231,33 @@ class _Walk(Generic[N, Out]):
         default_limit: int | None,
     ) -> None:
         self.dag = dag
+        self.nodes = dag.nodes
         self.visit = visit
         self.succeeded = succeeded
         self.skip = skip
         self.blame: Callable[[N, Out], N] | None = None
         self.outcomes: dict[N, Out] = {}
-        after_succ: dict[N, list[N]] = {}
-        after_left: dict[N, int] = {}
-        for u, v in dict.fromkeys(after):
-            _check_edge(dag._index, u, v)
-            after_succ.setdefault(u, []).append(v)
-            after_left[v] = after_left.get(v, 0) + 1
-        self.after_succ = after_succ
-        self.after_left = after_left
-        self.deps_left = {n: len(dag.dependencies(n)) for n in dag.nodes}
-        self.cause: dict[N, N] = {}  # a node that did not succeed -> the root cause it passes on
-        # concurrency: a node's limited keys in one global order, the free slots of each key,
-        # and per key the nodes waiting for it (by rank)
-        self.free: dict[Hashable, int] = {}
-        self.node_keys: dict[N, tuple[Hashable, ...]] = {}
-        self.held: dict[N, int] = {}
-        self.queue: dict[Hashable, list[int]] = {}
+        n = len(dag)
+        self.after = list(dict.fromkeys(dag._pairs(after)))
+        self.after_succ: list[list[int]] = [[] for _ in range(n)]
+        self.after_left = [0] * n
+        for u, v in self.after:
+            self.after_succ[u].append(v)
+            self.after_left[v] += 1
+        self.deps_left = [len(d) for d in dag._deps]
+        self.finished = bytearray(n)
+        # a node that did not succeed -> the root cause it passes on (a position), else _NONE
+        self.cause = [_NONE] * n
+        # concurrency: each node's limited keys (as positions in one global order), the free
+        # slots of each key, how many of its keys a node holds, and per key the waiting nodes
+        self.node_keys: list[tuple[int, ...]] = [()] * n
+        self.free: list[int] = []
+        self.queue: list[list[int]] = []
+        self.held = [0] * n
         if keys:
             self._keys(keys, limits, default_limit)
-        self.running: dict[asyncio.Future[Out], N] = {}
-        self.left = len(dag)
+        self.running: dict[asyncio.Future[Out], int] = {}
+        self.left = n
         self.done: asyncio.Future[None] | None = None
         self.aborted = False
 
@@ -256,41 +267,39 @@ class _Walk(Generic[N, Out]):
         limits: Mapping[Hashable, int],
         default_limit: int | None,
     ) -> None:
-        order: dict[Hashable, int] = {}
-        for n in self.dag.nodes:
-            mine: dict[Hashable, None] = {}
-            for k in keys.get(n, ()):
-                limit = limits.get(k, default_limit)
-                if limit is None:
-                    continue
-                if limit < 1:
-                    raise ValueError(f"concurrency limit of {k} is {limit}; it must be at least 1")
-                if k not in order:
-                    order[k] = len(order)
-                    self.free[k] = limit
-                    self.queue[k] = []
-                mine[k] = None
+        position: dict[Hashable, int] = {}
+        for i, node in enumerate(self.nodes):
+            mine: set[int] = set()
+            for k in keys.get(node, ()):
+                p = position.get(k)
+                if p is None:
+                    limit = limits.get(k, default_limit)
+                    if limit is None:
+                        continue
+                    if limit < 1:
+                        raise ValueError(f"concurrency limit of {k} is {limit}; it must be >= 1")
+                    p = position[k] = len(self.free)
+                    self.free.append(limit)
+                    self.queue.append([])
+                mine.add(p)
             if mine:
-                self.node_keys[n] = tuple(sorted(mine, key=order.__getitem__))
+                self.node_keys[i] = tuple(sorted(mine))
 
     # --- the walk ------------------------------------------------------------------------------
     async def run(self) -> dict[N, Out]:
-        self.dag.order(self.after_pairs())  # a cycle is an error before anything is visited
+        self.dag._order(self.after)  # a cycle is an error before anything is visited
         self.done = asyncio.get_running_loop().create_future()
         try:
-            self._release_ready([n for n in self.dag.nodes if self._ready(n)])
+            self._release_ready([i for i in range(len(self.nodes)) if self._ready(i)])
             if self.left:
                 await self.done
         except BaseException:
             await self._cancel_running()
             raise
-        return {n: self.outcomes[n] for n in self.dag.nodes}
+        return {node: self.outcomes[node] for node in self.nodes}
 
-    def after_pairs(self) -> list[tuple[N, N]]:
-        return [(u, v) for u, vs in self.after_succ.items() for v in vs]
-
-    def _ready(self, n: N) -> bool:
-        return self.deps_left[n] == 0 and self.after_left.get(n, 0) == 0
+    def _ready(self, i: int) -> bool:
+        return self.deps_left[i] == 0 and self.after_left[i] == 0
 
     async def _cancel_running(self) -> None:
         self.aborted = True
@@ -308,117 +317,119 @@ class _Walk(Generic[N, Out]):
         if self.done is not None and not self.done.done():
             self.done.set_exception(exc)
 
-    def _release_ready(self, ready: list[N]) -> None:
+    def _release_ready(self, ready: list[int]) -> None:
         """Start (or queue for their keys) nodes whose dependencies and ``after``
         predecessors have all finished, skipping those with a dependency that failed."""
         work = ready
         while work:
             # a node can come twice (its last dependency and its last ``after`` predecessor
             # finishing together): the first is the one that counts
-            work = sorted(dict.fromkeys(work), key=self.dag.rank)
-            start: list[N] = []
-            nxt: list[N] = []
-            for n in work:
-                cause = self._failed_dependency(n)
-                if cause is not None:
-                    nxt.extend(self._finish(n, self.skip(n, cause), cause))
-                elif self._ready(n) and self._acquire(n):
-                    start.append(n)
-            for n in start:
-                self._start(n)
+            work = sorted(set(work))
+            start: list[int] = []
+            nxt: list[int] = []
+            for i in work:
+                if self.finished[i]:
+                    continue
+                cause = self._failed_dependency(i)
+                if cause != _NONE:
+                    outcome = self.skip(self.nodes[i], self.nodes[cause])
+                    nxt.extend(self._finish(i, outcome, cause))
+                elif self._ready(i) and self._acquire(i):
+                    start.append(i)
+            for i in start:
+                self._start(i)
             work = nxt
 
-    def _failed_dependency(self, n: N) -> N | None:
-        for d in self.dag.dependencies(n):
-            if d in self.cause:
-                return self.cause[d]
-        return None
+    def _failed_dependency(self, i: int) -> int:
+        cause = self.cause
+        for d in self.dag._deps[i]:
+            if cause[d] != _NONE:
+                return cause[d]
+        return _NONE
 
-    def _finish(self, n: N, outcome: Out, cause: N | None) -> list[N]:
-        """Record ``n``'s outcome (``cause``: the root cause it passes on, None if it
+    def _finish(self, i: int, outcome: Out, cause: int) -> list[int]:
+        """Record node ``i``'s outcome (``cause``: the root cause it passes on, _NONE if it
         succeeded); returns the nodes this made ready or skippable."""
-        self.outcomes[n] = outcome
+        self.outcomes[self.nodes[i]] = outcome
+        self.finished[i] = 1
         self.left -= 1
-        if cause is not None:
-            self.cause[n] = cause
-        out: list[N] = []
-        for m in self.dag.dependents(n):
-            self.deps_left[m] -= 1
-            if self.deps_left[m] == 0:
+        self.cause[i] = cause
+        out: list[int] = []
+        deps_left = self.deps_left
+        for j in self.dag._succ[i]:
+            deps_left[j] -= 1
+            if deps_left[j] == 0:
                 # ready, or skippable now (a skipped node need not wait for its ``after``s)
-                out.append(m)
-        for m in self.after_succ.get(n, ()):
-            self.after_left[m] -= 1
-            if self.after_left[m] == 0 and self.deps_left[m] == 0 and m not in self.outcomes:
-                out.append(m)
+                out.append(j)
+        for j in self.after_succ[i]:
+            self.after_left[j] -= 1
+            if self.after_left[j] == 0 and deps_left[j] == 0:
+                out.append(j)
         if self.left == 0 and self.done is not None and not self.done.done():
             self.done.set_result(None)
         return out
 
-    def _start(self, n: N) -> None:
+    def _start(self, i: int) -> None:
         if self.aborted:
             return
         try:
-            task = asyncio.ensure_future(self.visit(n))
+            task = asyncio.ensure_future(self.visit(self.nodes[i]))
         except BaseException as exc:  # noqa: BLE001 - a visit that cannot even start aborts
-            self._release_keys(n)
+            self._release_keys(i)
             self._abort(exc)
             return
-        self.running[task] = n
+        self.running[task] = i
         task.add_done_callback(self._visited)
 
     def _visited(self, task: asyncio.Future[Out]) -> None:
-        n = self.running.pop(task)
+        i = self.running.pop(task)
         if self.aborted:
             if not task.cancelled():
                 task.exception()  # retrieved: the walk is already propagating its own error
             return
         try:
             if task.cancelled():
-                raise asyncio.CancelledError(f"the visit of {n} was cancelled")
+                raise asyncio.CancelledError(f"the visit of {self.nodes[i]} was cancelled")
             outcome = task.result()
-            cause = None
+            cause = _NONE
             if not self.succeeded(outcome):
-                cause = n if self.blame is None else self.blame(n, outcome)
-            ready = self._finish(n, outcome, cause)
-            ready.extend(self._release_keys(n))
+                cause = i
+                if self.blame is not None:
+                    cause = self.dag.rank(self.blame(self.nodes[i], outcome))
+            ready = self._finish(i, outcome, cause)
+            ready.extend(self._release_keys(i))
             self._release_ready(ready)
         except BaseException as exc:  # noqa: BLE001 - handed to the walk, which re-raises it
             self._abort(exc)
 
     # --- concurrency keys ----------------------------------------------------------------------
-    def _acquire(self, n: N) -> bool:
-        """Take ``n``'s keys in their global order, from where it stopped; True once it holds
-        all of them, else it waits in the queue of the first key it lacks."""
-        ks = self.node_keys.get(n)
-        if ks is None:
-            return True
-        i = self.held.get(n, 0)
-        while i < len(ks):
-            k = ks[i]
+    def _acquire(self, i: int) -> bool:
+        """Take node ``i``'s keys in their global order, from where it stopped; True once it
+        holds all of them, else it waits in the queue of the first key it lacks."""
+        ks = self.node_keys[i]
+        h = self.held[i]
+        while h < len(ks):
+            k = ks[h]
             if self.free[k] == 0:
-                self.held[n] = i
-                heapq.heappush(self.queue[k], self.dag.rank(n))
+                self.held[i] = h
+                heapq.heappush(self.queue[k], i)
                 return False
             self.free[k] -= 1
-            i += 1
-        self.held[n] = i
+            h += 1
+        self.held[i] = h
         return True
 
-    def _release_keys(self, n: N) -> list[N]:
-        """Give ``n``'s slots back; returns the waiting nodes that now hold all their keys
-        (they are started by ``_release_ready``)."""
-        ks = self.node_keys.get(n)
-        if ks is None:
-            return []
-        out: list[N] = []
-        for k in ks[: self.held.get(n, 0)]:
+    def _release_keys(self, i: int) -> list[int]:
+        """Give node ``i``'s slots back; returns the waiting nodes that now hold all their
+        keys (``_release_ready`` starts them)."""
+        out: list[int] = []
+        for k in self.node_keys[i][: self.held[i]]:
             self.free[k] += 1
             q = self.queue[k]
             while q and self.free[k] > 0:
-                m = self.dag.nodes[heapq.heappop(q)]
+                j = heapq.heappop(q)
                 self.free[k] -= 1
-                self.held[m] += 1
-                if self._acquire(m):
-                    out.append(m)
+                self.held[j] += 1
+                if self._acquire(j):
+                    out.append(j)
         return out
