@@ -59,10 +59,12 @@ test-lab: $(STAMP)
 test-faults: $(STAMP)
 	$(BIN)/pytest -q tests/faults
 
+# lint-imports: the layer contracts in pyproject.toml's [tool.importlinter] (import-linter).
 lint: $(STAMP)
 	$(BIN)/ruff check kvmstate tests bench
 	$(BIN)/ruff format --check kvmstate tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 # Brings the lab up (a fresh one) for B1, B1b, B2, B4 and B5, and takes it down after.
 # compileall: kvmstate edited since the install is measured with its bytecode up to date.
