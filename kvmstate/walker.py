@@ -200,7 +200,8 @@ async def walk(
     keys:      a node's concurrency keys; ``limits[key]`` (else ``default_limit``; None =
                no limit) visits holding a key run at once.
     blame:     ``blame(node, outcome)`` names the node a failed node's dependents give as
-               their cause (default: the node itself), e.g. the node a blocked one waited for.
+               their cause (a node of the graph; default: the node itself), e.g. the node
+               a blocked one waited for.
     into:      a dict filled with each outcome as its node finishes: a visit may read the
                outcome of any of its dependencies and ``after`` predecessors from it.
     """
