@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import IO, Any
+from typing import IO
 
 from rich.console import Console
 
@@ -46,7 +46,6 @@ def silence_stdout() -> None:
         os.close(devnull)
 
 
-def to_json(data: Any) -> str:
-    """Indented JSON of plain data (``Any``: whatever a command's JSON output holds); values
-    JSON has no type for are written as their ``str``."""
+def to_json(data: object) -> str:
+    """Indented JSON of plain data; values JSON has no type for are written as their ``str``."""
     return json.dumps(data, indent=2, default=str)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Mapping
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console, RenderableType
 from rich.text import Text
@@ -18,10 +18,9 @@ from kvmstate.cli.layout import Hanging
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-log = logging.getLogger(__name__)
+    from kvmstate.resources.base import Event  # the engine's events (plain mappings for now)
 
-# the engine's events are plain mappings for now (their values: whatever the event carries)
-Event = Mapping[str, Any]
+log = logging.getLogger(__name__)
 
 
 class EventPrinter:

@@ -5,7 +5,7 @@ a failure to tell)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -24,8 +24,8 @@ DriftEntry = TypedDict(
         "action": str,
         "class": str,
         "field": str | None,
-        "expected": Any,  # a spec'd field's value: any type the kind's fields have
-        "observed": Any,
+        "expected": object,  # a field's value, of whatever type the kind's field has
+        "observed": object,
         "reason": str,
     },
 )
@@ -43,7 +43,9 @@ def drift_entries(plan: Plan) -> list[DriftEntry]:
     return out
 
 
-def _entry(c: Change, drift: str, field: str | None, expected: Any, observed: Any) -> DriftEntry:
+def _entry(
+    c: Change, drift: str, field: str | None, expected: object, observed: object
+) -> DriftEntry:
     return {
         "id": str(c.id),
         "kind": c.id.kind,
