@@ -9,8 +9,8 @@ from typing import Any
 from bench.common import PY, median, row, timed_run
 
 KVMSTATE_IMPORTS = (
-    "import kvmstate.cli, kvmstate.loader, kvmstate.graph, kvmstate.resources, "
-    "kvmstate.engine, kvmstate.transport.real, kvmstate.render"
+    "import kvmstate.cli, kvmstate.cli.plan, kvmstate.loader, kvmstate.graph, "
+    "kvmstate.resources, kvmstate.engine, kvmstate.transport.real"
 )
 MINIMAL_IMPORTS = "import asyncio, json, asyncssh, libvirt"
 

@@ -7,14 +7,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kvmstate import render
+from kvmstate.cli import views
+from kvmstate.cli.console import make_console
+from kvmstate.cli.progress import EventPrinter
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
 
 
-def _console() -> tuple[io.StringIO, render.Console]:
+def _console() -> tuple[io.StringIO, Console]:
     buf = io.StringIO()
-    return buf, render.make_console(file=buf, no_color=True)
+    return buf, make_console(file=buf, no_color=True)
 
 
 def test_plan_shows_each_action_with_field_diffs_checks_and_summary() -> None:
@@ -59,7 +61,7 @@ def test_plan_shows_each_action_with_field_diffs_checks_and_summary() -> None:
         )
     )
     buf, console = _console()
-    render.plan(console, plan, title="kvmstate plan specs/x.yaml")
+    views.plan(console, plan, title="kvmstate plan specs/x.yaml")
     text = buf.getvalue()
     assert "+ subvolume:storage:images  create" in text
     assert "mountpoint: /srv/images" in text
@@ -84,7 +86,7 @@ def test_plan_shows_each_action_with_field_diffs_checks_and_summary() -> None:
 def test_no_changes_is_one_line() -> None:
     plan = Plan((Change(ResourceId("pool", "images", "kvm-1"), Action.NOOP, (), "active"),))
     buf, console = _console()
-    render.plan(console, plan)
+    views.plan(console, plan)
     assert buf.getvalue().strip() == "No changes. 1 resources match the spec."
 
 
@@ -105,7 +107,7 @@ def test_report_names_root_causes_and_groups_skipped() -> None:
         elapsed=1.25,
     )
     buf, console = _console()
-    render.report(console, report)
+    views.report(console, report)
     text = buf.getvalue()
     assert "✗ mount:kvm-1:images: kvm-1: `mount /x` exit 32: access denied" in text
     assert "skipped because of mount:kvm-1:images: pool:kvm-1:images, domain:web" in text
@@ -114,7 +116,7 @@ def test_report_names_root_causes_and_groups_skipped() -> None:
 
 def test_event_printer_shows_migration_result_with_downtime() -> None:
     buf, console = _console()
-    printer = render.EventPrinter(console)
+    printer = EventPrinter(console)
     printer(
         {
             "event": "migration-progress",
@@ -142,7 +144,7 @@ def test_event_printer_shows_migration_result_with_downtime() -> None:
 def test_event_printer_json_mode_writes_one_object_per_line() -> None:
     buf, console = _console()
     out = io.StringIO()
-    printer = render.EventPrinter(console, json_out=out)
+    printer = EventPrinter(console, json_out=out)
     printer({"event": "apply-start", "id": "pool:kvm-1:images", "action": "create"})
     printer({"event": "apply-done", "id": "pool:kvm-1:images", "action": "create"})
     lines = out.getvalue().splitlines()
@@ -161,7 +163,7 @@ class _Gone(io.StringIO):
 def test_a_reader_that_went_away_never_breaks_a_run() -> None:
     console = Console(file=_Gone(), width=80)
     for json_out in (_Gone(), None):  # --json events, then the human display
-        printer = render.EventPrinter(console, json_out=json_out)
+        printer = EventPrinter(console, json_out=json_out)
         printer({"event": "apply-start", "id": "placement:web", "action": "migrate"})
         printer({"event": "migration-progress", "domain": "web", "memory_processed": 1})
         printer({"event": "apply-done", "id": "placement:web", "action": "migrate"})

@@ -16,8 +16,8 @@ SEED = str(ROOT / "specs" / "seed.yaml")
 
 # what `kvmstate plan` imports (bench/startup.py measures the same line)
 PLAN_IMPORTS = (
-    "import kvmstate.cli, kvmstate.loader, kvmstate.graph, kvmstate.resources, "
-    "kvmstate.engine, kvmstate.transport.real, kvmstate.render"
+    "import kvmstate.cli, kvmstate.cli.plan, kvmstate.loader, kvmstate.graph, "
+    "kvmstate.resources, kvmstate.engine, kvmstate.transport.real"
 )
 
 # needed by some commands only, imported there: never by the plan / validate path
@@ -30,7 +30,13 @@ ONLY_WHEN_NEEDED = (
     "kvmstate.lab",  # kvmstate lab
     "kvmstate.docgen",  # schema
     "kvmstate.importer",  # import
-    "kvmstate.completion",  # completion
+    "kvmstate.cli.completion",  # completion
+    "kvmstate.cli.apply",  # apply, evacuate
+    "kvmstate.cli.progress",  # apply, evacuate
+    "kvmstate.cli.drift",  # drift
+    "kvmstate.cli.importing",  # import
+    "kvmstate.ops.drift",  # drift
+    "kvmstate.ops.evacuate",  # evacuate
     "kvmstate.journal",  # apply
     "kvmstate.metrics",  # drift --textfile
     "kvmstate.transport.fake",  # tests

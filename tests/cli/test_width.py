@@ -17,8 +17,13 @@ from typing import Any
 import pytest
 from resources.fakelab import LAB_SPEC
 from rich.cells import cell_len
+from rich.console import Console
 
-from kvmstate import cli, render
+from kvmstate import cli
+from kvmstate.cli import views
+from kvmstate.cli.console import make_console
+from kvmstate.cli.layout import Hanging
+from kvmstate.cli.progress import EventPrinter
 from kvmstate.errors import Problem
 from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
@@ -65,9 +70,9 @@ def assert_fits(text: str, *keep: str) -> None:
         assert squeezed(needle) in squeezed(text), f"lost {needle!r} in:\n{text}"
 
 
-def console() -> tuple[io.StringIO, render.Console]:
+def console() -> tuple[io.StringIO, Console]:
     buf = io.StringIO()
-    return buf, render.make_console(file=buf, no_color=True)
+    return buf, make_console(file=buf, no_color=True)
 
 
 # --- the width -------------------------------------------------------------------------------
@@ -81,10 +86,10 @@ class _Terminal(io.StringIO):
 def test_not_a_terminal_is_80_columns_unless_columns_says_otherwise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert render.make_console(file=io.StringIO()).width == 80
+    assert make_console(file=io.StringIO()).width == 80
     for columns, width in (("132", 132), ("60", 60), ("wide", 80), ("0", 80), ("", 80)):
         monkeypatch.setenv("COLUMNS", columns)
-        assert render.make_console(file=io.StringIO()).width == width, columns
+        assert make_console(file=io.StringIO()).width == width, columns
 
 
 def test_stdout_and_stderr_consoles_follow_the_same_rule(
@@ -92,16 +97,16 @@ def test_stdout_and_stderr_consoles_follow_the_same_rule(
 ) -> None:
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert render.make_console().width == 80
-    assert render.make_console(stderr=True).width == 80
+    assert make_console().width == 80
+    assert make_console(stderr=True).width == 80
     monkeypatch.setenv("COLUMNS", "100")
-    assert render.make_console(stderr=True).width == 100
+    assert make_console(stderr=True).width == 100
 
 
 def test_a_terminal_gets_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
     # rich asks the terminal; COLUMNS (as a shell exports it) stands in for one here
     monkeypatch.setenv("COLUMNS", "157")
-    assert render.make_console(file=_Terminal()).width == 157
+    assert make_console(file=_Terminal()).width == 157
 
 
 @pytest.mark.parametrize("width", range(2, 41))
@@ -114,7 +119,7 @@ def test_hanging_lines_fit_any_width_and_keep_every_character(width: int) -> Non
     ]
     for text in texts:
         for indent, hang in ((0, 0), (2, 2), (6, 4)):
-            lines = render.Hanging(text, indent=indent, hang=hang).lines(width)
+            lines = Hanging(text, indent=indent, hang=hang).lines(width)
             rendered = "\n".join(line.plain for line in lines)
             assert not too_wide(rendered, width), (width, rendered)
             assert squeezed(rendered) == squeezed(text)
@@ -198,7 +203,7 @@ def long_plan() -> Plan:
 
 def test_plan_with_long_ids_paths_checks_and_blocked_items_fits() -> None:
     buf, out = console()
-    render.plan(out, long_plan(), title=f"kvmstate plan /etc/kvmstate/{IMAGES}/cluster.yaml")
+    views.plan(out, long_plan(), title=f"kvmstate plan /etc/kvmstate/{IMAGES}/cluster.yaml")
     text = buf.getvalue()
     assert_fits(
         text,
@@ -223,7 +228,7 @@ def test_plan_with_long_ids_paths_checks_and_blocked_items_fits() -> None:
 
 def test_verbose_plan_lists_unchanged_resources_within_80_columns() -> None:
     buf, out = console()
-    render.plan(out, long_plan(), verbose=True)
+    views.plan(out, long_plan(), verbose=True)
     assert_fits(buf.getvalue(), f"pool:{KVM1}:{IMAGES} (active at {POOL_PATH})")
 
 
@@ -254,7 +259,7 @@ def test_report_with_long_errors_and_skipped_lists_fits() -> None:
         elapsed=12.5,
     )
     buf, out = console()
-    render.report(out, report)
+    views.report(out, report)
     assert_fits(
         buf.getvalue(),
         f"✗ mount:{KVM1}:{IMAGES}: {error}",
@@ -265,7 +270,7 @@ def test_report_with_long_errors_and_skipped_lists_fits() -> None:
 
 def test_apply_events_and_the_migration_line_fit() -> None:
     buf, out = console()
-    printer = render.EventPrinter(out)
+    printer = EventPrinter(out)
     vid = f"volume:{KVM1}:{VOLUME}"
     printer({"event": "apply-start", "id": vid, "action": "create"})
     printer({"event": "apply-done", "id": vid, "action": "create"})
@@ -293,7 +298,7 @@ def test_apply_events_and_the_migration_line_fit() -> None:
 
 def test_migration_progress_bar_fits_with_a_long_domain_name() -> None:
     _, out = console()
-    printer = render.EventPrinter(out)
+    printer = EventPrinter(out)
     printer(
         {
             "event": "migration-progress",
@@ -326,7 +331,7 @@ def columns(table: str) -> dict[str, str]:
 
 def test_show_table_folds_long_ids_and_values_instead_of_cutting_them() -> None:
     buf, out = console()
-    render.show(out, long_plan())
+    views.show(out, long_plan())
     text = buf.getvalue()
     assert_fits(text)
     assert "…" not in text
@@ -363,7 +368,7 @@ def test_spec_problems_wrap_indented_after_their_file_line_and_field() -> None:
         Problem(deep, 7, ("domains", GUEST, "memory"), "invalid size", severity="warning"),
     ]
     buf, out = console()
-    render.problems(out, found)
+    views.problems(out, found)
     text = buf.getvalue()
     lines = text.splitlines()
     assert_fits(text, *map(str, found))

@@ -1,9 +1,16 @@
-"""Shell completion scripts generated from the argparse parser (commands, options, and the
-resource ids of the spec file on the command line)."""
+"""`kvmstate completion`: shell completion scripts generated from the argparse parser
+(commands, their options, and spec files as arguments)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from kvmstate.cli.exits import EXIT_OK
+from kvmstate.cli.parser import build_parser, typed
 
 WIDTH = 80  # the scripts are read too: every line fits 80 columns
 
@@ -92,3 +99,14 @@ complete -o filenames -F _kvmstate kvmstate
         lines += [f"{head} \\", f"          {flags} ;;"]
     lines += ["    esac", "  fi", "}", "compdef _kvmstate kvmstate", ""]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CompletionArgs:
+    shell: str
+
+
+def cmd_completion(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    args = typed(CompletionArgs, ns)
+    sys.stdout.write(script(args.shell, build_parser()))
+    return EXIT_OK

@@ -1,0 +1,82 @@
+"""`kvmstate plan` and `kvmstate show`: observe the cluster (or assume it empty) and show
+what apply would change, or what is there."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from kvmstate.cli import views, wiring
+from kvmstate.cli.console import to_json
+from kvmstate.cli.exits import EXIT_CHANGES, EXIT_ERROR, EXIT_OK
+from kvmstate.cli.parser import typed
+from kvmstate.model import Plan
+
+
+@dataclass(frozen=True)
+class PlanArgs:
+    spec: str
+    assume_empty: bool
+    json: bool
+    allow_destroy: bool
+    verbose: int
+
+
+@dataclass(frozen=True)
+class ShowArgs:
+    spec: str
+    json: bool
+
+
+def cmd_plan(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    args = typed(PlanArgs, ns)
+    loaded = wiring.load(args.spec)
+    graph = wiring.graph_of(loaded)
+    if not args.json:
+        views.problems(err, loaded.warnings)
+
+    async def run() -> Plan:
+        engine, transports = wiring.engine_for(
+            loaded, graph, allow_destroy=args.allow_destroy, assume_empty=args.assume_empty
+        )
+        if args.assume_empty:
+            return await engine.plan(assume_empty=True)
+        try:
+            with wiring.observing(err, len(loaded.spec.hosts)):
+                return await engine.plan()
+        finally:
+            await transports.close()
+
+    plan = asyncio.run(run())
+    if args.json:
+        out.print_json(to_json(plan.as_dict()))
+    else:
+        views.plan(
+            out,
+            plan,
+            title=f"kvmstate plan {args.spec}"
+            + (" (assuming nothing exists)" if args.assume_empty else ""),
+            verbose=args.verbose > 0,
+        )
+    if plan.errors:
+        return EXIT_ERROR
+    return EXIT_CHANGES if plan.has_changes else EXIT_OK
+
+
+def cmd_show(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    args = typed(ShowArgs, ns)
+    loaded = wiring.load(args.spec)
+    plan = wiring.observe(loaded, wiring.graph_of(loaded))
+    if args.json:
+        rows = [c.as_dict() for c in plan.changes]
+        sys.stdout.write(
+            to_json({"resources": rows, "errors": {str(k): v for k, v in plan.errors.items()}})
+            + "\n"
+        )
+    else:
+        views.show(out, plan)
+    return EXIT_ERROR if plan.errors else EXIT_OK

@@ -1,0 +1,140 @@
+"""Apply's progress as it happens: a line per finished change, a progress bar per migration,
+or every event as one JSON line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING
+
+from rich.console import Console, RenderableType
+from rich.text import Text
+
+from kvmstate.cli.console import silence_stdout
+from kvmstate.cli.layout import Hanging
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from kvmstate.resources.base import Event  # the engine's events (plain mappings for now)
+
+log = logging.getLogger(__name__)
+
+
+class EventPrinter:
+    """Shows apply/plan events as they happen: a line per finished change, a progress bar per
+    migration. With ``json_out``, writes every event as one JSON line instead."""
+
+    def __init__(self, console: Console, *, json_out: IO[str] | None = None) -> None:
+        self.console = console
+        self.json_out = json_out
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, event: Event) -> None:
+        """Never raises for its output's sake: a reader that went away (``| head``, a closed
+        pipe) must not break an apply half-way through a migration."""
+        try:
+            self._show(event)
+        except OSError as e:  # BrokenPipeError and friends: stop showing, keep working
+            self._output_lost(e)
+
+    def _output_lost(self, e: OSError) -> None:
+        log.debug("output lost (%s); the run goes on", e)
+        lost = self.json_out if self.json_out is not None else self.console.file
+        self.json_out = None
+        self.console.quiet = True
+        if lost is sys.stdout:
+            silence_stdout()
+
+    def _show(self, event: Event) -> None:
+        if self.json_out is not None:
+            self.json_out.write(json.dumps(dict(event), default=str) + "\n")
+            self.json_out.flush()
+            return
+        if self.console.quiet:
+            return
+        kind = event.get("event")
+        if kind == "apply-start":
+            self._line(Text(f"… {event['id']} {event['action']}", style="dim"))
+        elif kind == "apply-done":
+            self._line(Text(f"✓ {event['id']} {event['action']}", style="green"))
+        elif kind == "apply-failed":
+            self._line(Text(f"✗ {event['id']}: {event['error']}", style="red"))
+        elif kind == "migration-progress":
+            self._migration_progress(event)
+        elif kind == "migration-done":
+            self._migration_done(event)
+        elif kind == "message":
+            self._line(Text(str(event.get("text", ""))))
+
+    def _migration_progress(self, event: Event) -> None:
+        from kvmstate.units import human_size  # units imports pydantic
+
+        if self._progress is None:
+            self._progress = _migration_bars(self.console)
+            self._progress.start()
+        name = str(event.get("domain"))
+        processed = float(event.get("memory_processed") or event.get("data_processed") or 0)
+        remaining = float(event.get("memory_remaining") or event.get("data_remaining") or 0)
+        total = processed + remaining or None
+        dirty = event.get("dirty_rate")
+        fields = {
+            "name": name,
+            "iteration": event.get("iteration", 0),
+            "dirty": f"{human_size(float(dirty))}/s" if dirty else "-",
+        }
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task("", total=total, **fields)
+        self._progress.update(self._tasks[name], completed=processed, total=total, **fields)
+
+    def _migration_done(self, event: Event) -> None:
+        name = str(event.get("domain"))
+        if self._progress is not None and name in self._tasks:
+            self._progress.remove_task(self._tasks.pop(name))
+            if not self._tasks:
+                self._progress.stop()
+                self._progress = None
+        total = event.get("time_elapsed")
+        downtime = event.get("downtime")
+        parts = [f"→ {name}: migrated {event.get('source')} → {event.get('target')}"]
+        if total is not None:
+            parts.append(f"in {float(total) / 1000:.2f}s")
+        if downtime is not None:
+            parts.append(f"downtime {downtime} ms")
+        self._line(Text(", ".join(parts), style="cyan bold"))
+
+    def _line(self, text: Text) -> None:
+        self.console.print(Hanging(text, indent=2))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _migration_bars(console: Console) -> Progress:
+    """Progress of migrations, in two lines each: the domain's name (which may be long), then
+    the bar and the numbers (the bar narrows to leave room for them)."""
+    # only an apply that migrates shows progress bars: rich.progress is imported then
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.table import Column
+
+    class Bars(Progress):
+        def get_renderables(self) -> Iterable[RenderableType]:
+            for task in self.tasks:
+                yield Hanging(Text(f"→ {task.fields['name']}", style="cyan"), indent=2)
+                yield self.make_tasks_table([task])
+
+    fixed = Column(no_wrap=True)
+    return Bars(
+        TextColumn("   ", table_column=fixed),
+        BarColumn(bar_width=None, table_column=Column(max_width=24)),
+        DownloadColumn(binary_units=True, table_column=fixed),
+        TransferSpeedColumn(table_column=fixed),
+        TextColumn("iter {task.fields[iteration]}  dirty {task.fields[dirty]}", table_column=fixed),
+        console=console,
+        transient=True,
+    )
