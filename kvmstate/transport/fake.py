@@ -25,8 +25,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import libvirt
-
 from kvmstate import virt, virtxml
 from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import Spec
@@ -41,6 +39,7 @@ from kvmstate.transport.fake_cmds import (
     is_under,
     run_command,
 )
+from kvmstate.transport.libvirt import libvirt_module
 
 T = TypeVar("T")
 
@@ -219,7 +218,7 @@ class FakeLibvirt:
         self._host.check_reachable()
         try:
             return await asyncio.to_thread(self._call, fn, *args)
-        except libvirt.libvirtError as e:
+        except libvirt_module().libvirtError as e:
             raise TransportError(self.host, getattr(fn, "__name__", "libvirt"), None, str(e)) from e
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -257,7 +256,9 @@ class FakeLibvirt:
             return
         path = virtxml.parse_pool_path(pool.XMLDesc(0))
         if starting and not h.is_dir(path):
-            raise libvirt.libvirtError(f"cannot open directory '{path}': No such file or directory")
+            raise libvirt_module().libvirtError(
+                f"cannot open directory '{path}': No such file or directory"
+            )
         if not pool.isActive() and not starting:
             return
         if starting:

@@ -17,7 +17,8 @@ that host. Calls awaited one after another still run in order. ``threads=1`` ser
 
 Errors: ``libvirtError`` becomes ``LibvirtError`` (a ``TransportError``) with the libvirt error
 ``code`` kept; ``not_found`` is true for "no such domain/pool/volume/..." so callers can treat
-it as absent.
+it as absent. Code running inside a call (``kvmstate.virt``, the fake, the lab) gets the module,
+its flags and its exception class from ``libvirt_module()`` and the error codes from here.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ T = TypeVar("T")
 
 REMOTE_SOCKET = "/run/libvirt/libvirt-sock"
 
-# libvirt's virErrorNumber values (checked against the libvirt module in the tests).
+# libvirt's virErrorNumber values (checked against the libvirt module in the tests): known
+# without importing libvirt, which is imported on first use only (see ``libvirt_module``).
+VIR_ERR_NO_SUPPORT = 3
 VIR_ERR_NO_CONNECT = 5
 VIR_ERR_SYSTEM_ERROR = 38
 VIR_ERR_RPC = 39
@@ -58,6 +61,7 @@ VIR_ERR_AUTH_FAILED = 45
 VIR_ERR_NO_STORAGE_POOL = 49
 VIR_ERR_NO_STORAGE_VOL = 50
 VIR_ERR_NO_NODE_DEVICE = 53
+VIR_ERR_OPERATION_INVALID = 55
 VIR_ERR_NO_INTERFACE = 57
 VIR_ERR_NO_NWFILTER = 62
 VIR_ERR_NO_SECRET = 66
@@ -99,20 +103,37 @@ class LibvirtUnreachable(HostUnreachable):
     """The host answers SSH, but its libvirtd cannot be reached through it."""
 
 
-_handler_lock = threading.Lock()
-_handler_registered = False
+_module_lock = threading.Lock()
+_module: Any = None
+
+
+def libvirt_module() -> Any:
+    """The ``libvirt`` module, imported when a libvirt call is first made, not when kvmstate is
+    imported: validate, a plan of hosts without libvirt resources and the start of every
+    command do without it. Its default error handler (prints every error to stderr; errors are
+    raised as exceptions anyway) is replaced once per process, here and nowhere else."""
+    global _module
+    with _module_lock:
+        if _module is None:
+            import libvirt
+
+            libvirt.registerErrorHandler(_silence, None)
+            _module = libvirt
+        return _module
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    return None
 
 
 def silence_libvirt_stderr() -> None:
     """Replace libvirt's default handler (prints every error to stderr); once per process."""
-    global _handler_registered
-    with _handler_lock:
-        if _handler_registered:
-            return
-        import libvirt
+    libvirt_module()
 
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _handler_registered = True
+
+def is_not_found(e: BaseException) -> bool:
+    """Is ``e`` a raw ``libvirtError`` saying "no such domain/pool/volume/..."?"""
+    return isinstance(e, libvirt_module().libvirtError) and e.get_error_code() in NOT_FOUND_CODES
 
 
 def unix_uri(local_socket: str, driver: str = "qemu") -> str:
@@ -243,9 +264,7 @@ class LibvirtOverSSH:
             uri_where = self.remote_socket if self.direct_uri is None else uri
 
             def _open() -> Any:
-                import libvirt
-
-                silence_libvirt_stderr()
+                libvirt = libvirt_module()
                 try:
                     return libvirt.open(uri)
                 except libvirt.libvirtError as e:
@@ -275,9 +294,9 @@ class LibvirtOverSSH:
         host = self.host
         name = _describe(fn, args)
 
-        def _call() -> T:
-            import libvirt
+        libvirt = libvirt_module()
 
+        def _call() -> T:
             try:
                 return fn(*args)
             except libvirt.libvirtError as e:
@@ -305,9 +324,9 @@ class LibvirtOverSSH:
         if conn is None:
             return
 
-        def _alive() -> bool:
-            import libvirt
+        libvirt = libvirt_module()
 
+        def _alive() -> bool:
             try:
                 return bool(conn.isAlive())
             except libvirt.libvirtError:
@@ -321,10 +340,9 @@ class LibvirtOverSSH:
     async def _teardown(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            libvirt = libvirt_module()
 
             def _close() -> None:
-                import libvirt
-
                 try:
                     conn.close()
                 except libvirt.libvirtError as e:

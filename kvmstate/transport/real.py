@@ -13,7 +13,7 @@ import logging
 
 from kvmstate.spec import Spec, SSHOverrides
 from kvmstate.transport.base import Libvirt, Shell, Transports
-from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, SocketDir, ssh_uri
+from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, SocketDir
 from kvmstate.transport.ssh import DEFAULT_MAX_SESSIONS, SSHHost, SSHShell, SSHTarget
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,6 @@ class RealTransports:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-
-    def migration_uri(self, host: str) -> str:
-        """``qemu+ssh://`` URI of ``host`` (for libvirt-managed/peer-to-peer migration)."""
-        return ssh_uri(self.spec.hosts[host].address, self.spec.ssh_for(host))
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per host: SSH ``connections`` opened and exec ``channels`` (round trips)."""
