@@ -29,7 +29,7 @@ from kvmstate import virt, virtxml
 from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import Spec
 from kvmstate.transport import prereq
-from kvmstate.transport.base import CommandResult
+from kvmstate.transport.base import CommandResult, Libvirt, Process, Shell, Transports
 from kvmstate.transport.fake_cmds import (
     Fail,
     FakeBtrfs,
@@ -71,6 +71,7 @@ class FakeHost:
         self.nfs_as_fuse = False  # show NFS mounts as fuse.glusterfs (the lab's client)
         self.reachable = True
         self.failures: dict[tuple[str, ...], tuple[int, str, str]] = {}
+        self.lock_holder: str | None = None  # the cluster lock script's holder line, while held
         self.round_trips = 0
         self.history: list[tuple[str, ...]] = []
         fd, self._xml = tempfile.mkstemp(prefix=f"kvmstate-fake-{name}-", suffix=".xml")
@@ -171,8 +172,13 @@ class FakeHost:
         except FakeCommandError:
             raise
         except Fail as e:
-            return CommandResult(self.name, argv, e.status, "", e.stderr)
+            return CommandResult(self.name, argv, e.status, e.stdout, e.stderr)
         return CommandResult(self.name, argv, 0, out, "")
+
+    def end(self, argv: tuple[str, ...]) -> None:
+        """A started command's stdin was closed: it exits (the cluster lock is released)."""
+        if argv[:2] == ("sh", "-c") and argv[3:4] == ("kvmstate-lock",) and self.lock_holder:
+            self.lock_holder = None
 
     def check_reachable(self) -> None:
         if not self.reachable:
@@ -201,6 +207,37 @@ class FakeShell:
         self._host.check_reachable()
         self._host.round_trips += 1
         return [self._host.execute(a) for a in argvs]
+
+    async def start(self, argv: Sequence[str]) -> FakeProcess:
+        self._host.check_reachable()
+        self._host.round_trips += 1
+        return FakeProcess(self._host, self._host.execute(argv))
+
+
+class FakeProcess:
+    """A started command: its output is what ``execute`` printed; a command that succeeded
+    keeps running until ``close`` (then ``FakeHost.end``), one that failed has exited."""
+
+    def __init__(self, host: FakeHost, result: CommandResult) -> None:
+        self._host = host
+        self._result = result
+        self._lines = result.stdout.splitlines(keepends=True)
+        self._closed = False
+
+    async def readline(self) -> str:
+        return self._lines.pop(0) if self._lines else ""
+
+    async def finish(self) -> CommandResult:
+        rest, self._lines = "".join(self._lines), []
+        self._closed = True
+        r = self._result
+        return CommandResult(r.host, r.argv, r.exit_status, rest, r.stderr)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._result.ok:
+                self._host.end(self._result.argv)
 
 
 class FakeLibvirt:
@@ -336,3 +373,8 @@ class FakeCluster:
 
 
 __all__ = ["FakeBtrfs", "FakeCluster", "FakeCommandError", "FakeFile", "FakeHost", "FakeMount"]
+
+
+def _conforms(c: FakeCluster, p: FakeProcess) -> tuple[Transports, Shell, Libvirt, Process]:
+    """Never called: lets mypy check that the fake classes satisfy the protocols."""
+    return c, c.shell(""), c.libvirt(""), p

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmstate import hostfacts, nfsexports
+from kvmstate.clusterlock import LOCK_SCRIPT
 from kvmstate.errors import KvmstateError
 from kvmstate.transport import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
@@ -23,10 +24,11 @@ class FakeCommandError(KvmstateError):
 
 
 class Fail(Exception):
-    def __init__(self, stderr: str, status: int = 1) -> None:
+    def __init__(self, stderr: str, status: int = 1, stdout: str = "") -> None:
         super().__init__(stderr)
         self.stderr = stderr
         self.status = status
+        self.stdout = stdout
 
 
 @dataclass
@@ -90,6 +92,12 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             old = fh.files.get(p)
             fh.files[p] = FakeFile(input or "", mode=old.mode if old else mode)
             return ""
+        case ("sh", "-c", script, "kvmstate-lock", holder) if script == LOCK_SCRIPT:
+            # flock -n on the lock file: refused (75, the holder printed) while held
+            if h.lock_holder is not None:
+                raise Fail("", 75, stdout=h.lock_holder + "\n")
+            h.lock_holder = holder
+            return "LOCKED\n"
         case ("sh", "-c", script, "kvmstate-prereq", *probes) if script == prereq.CHECK_SCRIPT:
             return "".join(f"missing {p}\n" for p in probes if p in h.missing)
         case ("dpkg-query", "-W", "-f", _fmt, "--", *pkgs):

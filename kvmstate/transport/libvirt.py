@@ -41,8 +41,7 @@ from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import SSHSettings
 
 if TYPE_CHECKING:
-    from kvmstate.transport.ssh import SSHHost
-    from kvmstate.transport.sshlib import asyncssh
+    from kvmstate.transport.ssh import SSHHost, UnixForward
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,8 +214,7 @@ class LibvirtOverSSH:
         )
         self._lock = asyncio.Lock()
         self._conn: Any = None
-        self._listener: asyncssh.SSHListener | None = None
-        self._forward_conn: object = None
+        self._forward: UnixForward | None = None
         self._own_sockets = sockets is None
         self._sockets = sockets if sockets is not None else SocketDir()
         self.local_socket: str | None = None
@@ -229,24 +227,26 @@ class LibvirtOverSSH:
 
     async def forward(self) -> str:
         """Forward a private local socket to the host's libvirtd socket; its path."""
-        conn = await self.ssh.connection()
-        if self.local_socket is not None and self._listener is not None:
-            if self._forward_conn is conn:
+        if self.local_socket is not None and self._forward is not None:
+            if await self._forward.current():
                 return self.local_socket
             await self._teardown()  # the SSH connection was replaced: forward again
+        else:
+            await self.ssh.connection()  # unreachable: HostUnreachable, not LibvirtUnreachable
         local = self._sockets.socket(f"{self.host}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(local)  # left by this host's previous forward in this run
         try:
-            listener = await conn.forward_local_path(local, self.remote_socket)
+            forward = await self.ssh.forward_unix(local, self.remote_socket)
+        except HostUnreachable:
+            self._remove_socket(local)
+            raise
         except Exception as e:
             self._remove_socket(local)
             raise LibvirtUnreachable(
                 self.host, f"cannot forward a local socket to {self.remote_socket}: {e}"
             ) from e
-        self.ssh.stats.forwards += 1
-        self._listener, self.local_socket = listener, local
-        self._forward_conn = conn
+        self._forward, self.local_socket = forward, local
         return local
 
     async def connect(self) -> Any:
@@ -349,12 +349,9 @@ class LibvirtOverSSH:
                     log.debug("%s: closing libvirt: %s", self.host, e)
 
             await asyncio.get_running_loop().run_in_executor(self._executor, _close)
-        listener, self._listener = self._listener, None
-        self._forward_conn = None
-        if listener is not None:
-            listener.close()
-            with contextlib.suppress(Exception):
-                await listener.wait_closed()
+        forward, self._forward = self._forward, None
+        if forward is not None:
+            await forward.close()
         if self.local_socket is not None:
             self._remove_socket(self.local_socket)
             self.local_socket = None

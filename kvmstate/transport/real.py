@@ -12,9 +12,9 @@ import asyncio
 import logging
 
 from kvmstate.spec import Spec, SSHOverrides
-from kvmstate.transport.base import Libvirt, Shell, Transports
+from kvmstate.transport.base import Libvirt, Process, Shell, Transports
 from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, SocketDir
-from kvmstate.transport.ssh import DEFAULT_MAX_SESSIONS, SSHHost, SSHShell, SSHTarget
+from kvmstate.transport.ssh import DEFAULT_MAX_SESSIONS, SSHHost, SSHProcess, SSHShell, SSHTarget
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,6 @@ class RealTransports:
         await self.close()
 
 
-def _conforms(t: RealTransports) -> tuple[Transports, Shell, Libvirt]:
+def _conforms(t: RealTransports, p: SSHProcess) -> tuple[Transports, Shell, Libvirt, Process]:
     """Never called: lets mypy check that the real classes satisfy the protocols."""
-    return t, t.shell(""), t.libvirt("")
+    return t, t.shell(""), t.libvirt(""), p
