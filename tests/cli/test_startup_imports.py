@@ -33,7 +33,7 @@ ONLY_WHEN_NEEDED = (
     "kvmstate.completion",  # completion
     "kvmstate.journal",  # apply
     "kvmstate.metrics",  # drift --textfile
-    "kvmstate.transport.fake",  # tests
+    "kvmstate.testing",  # tests
 )
 
 

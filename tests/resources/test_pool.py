@@ -10,7 +10,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.model import Action
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 
 def test_converge_drift_restore(spec: Spec, cluster: FakeCluster, ctx: RunContext) -> None:

@@ -105,7 +105,7 @@ def test_cluster_lock_reports_a_failing_lock_script(
 
 def test_cluster_lock_on_the_fake_cluster_is_exclusive() -> None:
     """The same contract on the fake (whose lock script emulation is its own)."""
-    from kvmstate.transport.fake import FakeCluster
+    from kvmstate.testing.fake import FakeCluster
 
     spec = Spec.model_validate(
         {"version": 1, "hosts": {"s": {"address": "10.0.0.1"}, "k": {"address": "10.0.0.2"}}}

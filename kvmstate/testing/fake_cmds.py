@@ -16,7 +16,7 @@ from kvmstate.transport import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 
 if TYPE_CHECKING:
-    from kvmstate.transport.fake import FakeHost
+    from kvmstate.testing.fake import FakeHost
 
 
 class FakeCommandError(KvmstateError):

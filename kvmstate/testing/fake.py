@@ -28,9 +28,7 @@ from typing import Any, TypeVar
 from kvmstate import virt, virtxml
 from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import Spec
-from kvmstate.transport import prereq
-from kvmstate.transport.base import CommandResult, Libvirt, Process, Shell, Transports
-from kvmstate.transport.fake_cmds import (
+from kvmstate.testing.fake_cmds import (
     Fail,
     FakeBtrfs,
     FakeCommandError,
@@ -39,6 +37,8 @@ from kvmstate.transport.fake_cmds import (
     is_under,
     run_command,
 )
+from kvmstate.transport import prereq
+from kvmstate.transport.base import CommandResult, Libvirt, Process, Shell, Transports
 from kvmstate.transport.libvirt import libvirt_module
 
 T = TypeVar("T")
