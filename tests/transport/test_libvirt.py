@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import os
 import stat
@@ -47,34 +46,6 @@ def test_ssh_uri_for_migration_destination() -> None:
     )
     s2 = s.model_copy(update={"verify_host_key": False, "identity": None, "known_hosts": None})
     assert ssh_uri("fd00::1", s2) == "qemu+ssh://root@[fd00::1]:2222/system?no_verify=1&no_tty=1"
-
-
-KVMSTATE = Path(__file__).resolve().parents[2] / "kvmstate"
-
-
-def _imports_libvirt(path: Path) -> bool:
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        if any(n == "libvirt" or n.startswith("libvirt.") for n in names):
-            return True
-    return False
-
-
-def test_exactly_one_module_of_kvmstate_imports_libvirt() -> None:
-    """kvmstate/ (the lab and the fake included): only transport/libvirt.py imports libvirt,
-    and only it replaces libvirt's stderr error handler."""
-    files = sorted(KVMSTATE.rglob("*.py"))
-    importers = [str(p.relative_to(KVMSTATE)) for p in files if _imports_libvirt(p)]
-    assert importers == ["transport/libvirt.py"]
-    silencers = [
-        str(p.relative_to(KVMSTATE)) for p in files if "registerErrorHandler" in p.read_text()
-    ]
-    assert silencers == ["transport/libvirt.py"]
 
 
 def test_libvirt_module_silences_stderr_once() -> None:
