@@ -1,6 +1,7 @@
-"""``python -m bench`` (``make bench``): B3 on simulated hosts, then B2/B1b/B1/B4/B5 on the lab
-when it is up and converged (or ``--setup-lab``); prints each figure with its target and
-PASS/MISS; writes ``bench/results/latest.json`` and ``docs/performance.md``.
+"""``python -m bench`` (``make bench``): B3 on simulated hosts, T1/T2 (the transport on this
+machine), then B2/B1b/B1/B4/B5 on the lab when it is up and converged (or ``--setup-lab``);
+prints each figure with its target and PASS/MISS; writes ``bench/results/latest.json`` and
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import lab, report, scale, startup
+from bench import lab, report, scale, startup, transport
 from bench.common import REPO, fmt, machine_info
 
 
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--only",
-        default="B1,B1b,B2,B3,B4,B5",
-        help="comma list of benchmarks (B3 = simulated; the others need the lab)",
+        default="B1,B1b,B2,B3,B4,B5,T",
+        help="comma list of benchmarks (B3 = simulated, T = transport; the others need the lab)",
     )
     p.add_argument("--runs", type=int, default=7, help="runs per side for B1b (B1: runs-2, >=3)")
     p.add_argument("--b3-runs", type=int, default=scale.RUNS)
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         ns = tuple(int(x) for x in args.b3_ns.split(","))
         results["B3"] = scale.run(mode=args.b3_mode, ns=ns, runs=args.b3_runs, profile_dir=prof)
         rows += results["B3"]["rows"]
+    if "T" in only:
+        results["transport"] = transport.run()
+        rows += results["transport"]["rows"]
     if "B1b" in only:
         results["startup"] = startup.run()
         rows += results["startup"]["rows"]

@@ -16,12 +16,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from kvmstate.errors import KvmstateError
 from kvmstate.runlock import LockTimeout, describe_holder, holder_info
 from kvmstate.spec import Spec
-from kvmstate.transport.base import quote_argv
+from kvmstate.transport.base import Transports
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +47,32 @@ def lock_host(spec: Spec) -> str:
 
 @contextlib.asynccontextmanager
 async def cluster_lock(
-    transports: Any,
+    transports: Transports,
     spec: Spec,
     *,
     command: str,
     timeout: float = 0.0,
     on_wait: Callable[[str], None] | None = None,
 ) -> AsyncIterator[str]:
-    """Hold the cluster lock for the block; yields the lock host. Waits up to ``timeout``."""
+    """Hold the cluster lock for the block; yields the lock host. Waits up to ``timeout``.
+
+    The lock script runs through the host's ``Shell`` (``start``: one channel held open on
+    the run's SSH connection, with ``sudo`` when the spec asks for it)."""
     host = lock_host(spec)
-    ssh = transports.ssh_host(host)
-    sudo = ("sudo", "-n", "--") if ssh.target.settings.sudo else ()
-    argv = [*sudo, "sh", "-c", LOCK_SCRIPT, "kvmstate-lock", json.dumps(holder_info(command))]
+    shell = transports.shell(host)
+    argv = ["sh", "-c", LOCK_SCRIPT, "kvmstate-lock", json.dumps(holder_info(command))]
     started = time.monotonic()
     while True:
-        conn = await ssh.connection()
-        ssh.stats.channels += 1
-        proc = await conn.create_process(quote_argv(argv))
-        first = await proc.stdout.readline()
+        proc = await shell.start(argv)
+        first = await proc.readline()
         if first.strip() == "LOCKED":
             break
-        rest = first + await proc.stdout.read()
-        done = await proc.wait(check=False)
+        done = await proc.finish()
+        rest = first + done.stdout
         if done.exit_status != 75:
-            err = (await proc.stderr.read()).strip() if proc.stderr else ""
             raise KvmstateError(
                 f"{host}: cannot take the cluster lock {LOCK_FILE}: exit {done.exit_status} "
-                f"{err or rest.strip()}"
+                f"{done.stderr.strip() or rest.strip()}"
             )
         holder = f"{describe_holder(rest)} (cluster lock on {host})"
         if time.monotonic() - started >= timeout:
@@ -87,7 +85,4 @@ async def cluster_lock(
     try:
         yield host
     finally:
-        proc.stdin.write_eof()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(check=False), timeout=5)
-        proc.close()
+        await proc.close()

@@ -14,13 +14,8 @@ from typing import TypeVar
 
 from kvmstate.errors import ParseError
 from kvmstate.facts import Fact
-from kvmstate.nfsexports import (
-    EXPORTS_D_SCRIPT,
-    ExportLine,
-    parse_exportfs_v,
-    parse_exports_d,
-    unescape_octal,
-)
+from kvmstate.nfsexports import EXPORTS_D_SCRIPT, ExportLine, parse_exportfs_v, parse_exports_d
+from kvmstate.tabfiles import escape_octal, replace_lines, unescape_octal
 from kvmstate.transport.base import CommandResult
 
 T = TypeVar("T")
@@ -72,28 +67,6 @@ def fstab_entry_for(text: str | None, mountpoint: str) -> FstabEntry | None:
     return None
 
 
-def replace_lines(
-    lines: list[str], matches: Callable[[int, str], bool], new_line: str | None
-) -> str:
-    """``lines`` with the ones ``matches`` selects replaced by ``new_line`` (in place of the
-    first; None: removed) or, when none matches, ``new_line`` appended. Every other line is
-    kept byte for byte. Shared by the fstab and /etc/exports editors."""
-    out: list[str] = []
-    placed = False
-    for i, line in enumerate(lines):
-        if matches(i, line):
-            if new_line is not None and not placed:
-                out.append(new_line + "\n")
-                placed = True
-            continue
-        out.append(line)
-    if new_line is not None and not placed:
-        if out and not out[-1].endswith("\n"):
-            out[-1] += "\n"
-        out.append(new_line + "\n")
-    return "".join(out)
-
-
 def fstab_with(text: str | None, mountpoint: str, new_line: str | None) -> str:
     """The fstab with the entry for ``mountpoint`` replaced by ``new_line`` (None: removed,
     appended when missing). Every other line is kept byte for byte."""
@@ -103,7 +76,7 @@ def fstab_with(text: str | None, mountpoint: str, new_line: str | None) -> str:
 
 
 def fstab_escape(path: str) -> str:
-    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+    return escape_octal(path)
 
 
 # --- /proc/self/mountinfo ----------------------------------------------------------------------

@@ -10,16 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvmstate.errors import ParseError
-
-
-def unescape_octal(text: str) -> str:
-    """``/a\\040b`` -> ``/a b`` (exports and exportfs escape with \\ooo)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def escape(path: str) -> str:
-    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-
+from kvmstate.tabfiles import escape_octal, replace_lines, unescape_octal
 
 # A fixed script (no spec value in it): every /etc/exports.d/*.exports with a header line.
 EXPORTS_D_SCRIPT = (
@@ -93,13 +84,12 @@ def parse_exports_d(text: str) -> list[ExportLine]:
 
 def export_line(path: str, clients: Iterable[tuple[str, Iterable[str]]]) -> str:
     items = " ".join(f"{c}({','.join(opts)})" for c, opts in clients)
-    return f"{escape(path)} {items}"
+    return f"{escape_octal(path)} {items}"
 
 
 def exports_with(text: str | None, path: str, new_line: str | None) -> str:
     """/etc/exports with the line(s) for ``path`` replaced; every other line kept byte for byte.
     Only single physical lines are replaced (kvmstate writes no continuations)."""
-    from kvmstate.hostfacts import replace_lines
 
     def matches(_: int, line: str) -> bool:
         parsed = parse_exports(line) if not line.rstrip().endswith("\\") else []

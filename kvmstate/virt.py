@@ -1,9 +1,12 @@
-"""The one module of resources-land that imports ``libvirt``.
+"""What resources do with libvirt: lookups, observations and mutations of pools, volumes and
+domains, and the migration helpers (at the end).
 
-Lookups turn "no such domain/pool/volume" into ``None``; everything here is synchronous and is
-called by resources through ``Libvirt.run`` (a worker thread). XML is built from the typed spec
-with ``xml.etree`` and parsed back into small frozen values; raw XML is never compared.
-Pure XML building/parsing lives in ``kvmstate.virtxml``; migration helpers are at the end.
+Everything here is synchronous and is called by resources through ``Libvirt.run`` (a worker
+thread). This module does not import ``libvirt``: the module (its flags, its exception class)
+comes from ``kvmstate.transport.libvirt.libvirt_module()``, the one importer, and so do the
+error codes. Lookups turn "no such domain/pool/volume" into ``None`` (``is_not_found``). XML is
+built from the typed spec with ``xml.etree`` and parsed back into small frozen values; raw XML
+is never compared. Pure XML building/parsing lives in ``kvmstate.virtxml``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
+from kvmstate.transport.libvirt import VIR_ERR_NO_DOMAIN as NO_DOMAIN
+from kvmstate.transport.libvirt import VIR_ERR_NO_STORAGE_POOL as NO_POOL
+from kvmstate.transport.libvirt import VIR_ERR_NO_STORAGE_VOL as NO_VOLUME
+from kvmstate.transport.libvirt import VIR_ERR_NO_SUPPORT as NO_SUPPORT
+from kvmstate.transport.libvirt import VIR_ERR_OPERATION_INVALID as OPERATION_INVALID
+from kvmstate.transport.libvirt import is_not_found
+from kvmstate.transport.libvirt import libvirt_module as _libvirt
 from kvmstate.virtxml import (
     NS,
     DomainConfig,
@@ -27,32 +37,19 @@ from kvmstate.virtxml import (
     volume_xml,
 )
 
-__all__ = ["NS", "DomainConfig", "VolumeState"]
+# the short names of libvirt's error codes are kvmstate.transport.libvirt's, re-exported
+__all__ = [
+    "NO_DOMAIN",
+    "NO_POOL",
+    "NO_SUPPORT",
+    "NO_VOLUME",
+    "NS",
+    "OPERATION_INVALID",
+    "DomainConfig",
+    "VolumeState",
+]
 
 log = logging.getLogger(__name__)
-
-# libvirt's virErrorNumber values (checked against the libvirt module in the tests): known
-# without importing libvirt, which is imported on first use only (see ``_libvirt``)
-NO_SUPPORT = 3
-NO_DOMAIN = 42
-NO_POOL = 49
-NO_VOLUME = 50
-OPERATION_INVALID = 55  # VIR_ERR_OPERATION_INVALID
-
-
-def _silence(_ctx: object, _err: object) -> None:
-    return None
-
-
-@functools.cache
-def _libvirt() -> Any:
-    """The libvirt module, imported when a libvirt call is first made, not when kvmstate is
-    imported: validate, a plan of hosts without libvirt resources and the start of every command
-    do without it. Its default error handler (prints every error to stderr) is replaced once."""
-    import libvirt
-
-    libvirt.registerErrorHandler(_silence, None)
-    return libvirt
 
 
 @functools.cache
@@ -69,29 +66,25 @@ def _states() -> dict[int, str]:
     }
 
 
-def error_code(e: BaseException) -> int | None:
-    return e.get_error_code() if isinstance(e, _libvirt().libvirtError) else None
-
-
-def _lookup(fn: Any, name: str, code: int) -> Any:
+def _lookup(fn: Any, name: str) -> Any:
     try:
         return fn(name)
-    except _libvirt().libvirtError as e:
-        if e.get_error_code() == code:
+    except Exception as e:
+        if is_not_found(e):
             return None
         raise
 
 
 def lookup_domain(conn: Any, name: str) -> Any:
-    return _lookup(conn.lookupByName, name, NO_DOMAIN)
+    return _lookup(conn.lookupByName, name)
 
 
 def lookup_pool(conn: Any, name: str) -> Any:
-    return _lookup(conn.storagePoolLookupByName, name, NO_POOL)
+    return _lookup(conn.storagePoolLookupByName, name)
 
 
 def lookup_volume(pool: Any, name: str) -> Any:
-    return _lookup(pool.storageVolLookupByName, name, NO_VOLUME)
+    return _lookup(pool.storageVolLookupByName, name)
 
 
 # --- pools -------------------------------------------------------------------------------------
@@ -124,12 +117,6 @@ def start_pool(conn: Any, name: str) -> None:
     pool = conn.storagePoolLookupByName(name)
     if not pool.isActive():
         pool.create(0)
-
-
-def stop_pool(conn: Any, name: str) -> None:
-    pool = lookup_pool(conn, name)
-    if pool is not None and pool.isActive():
-        pool.destroy()
 
 
 def set_pool_autostart(conn: Any, name: str, on: bool) -> None:
@@ -346,7 +333,7 @@ def job_progress(conn: Any, name: str) -> dict[str, Any] | None:
     try:
         stats = conn.lookupByName(name).jobStats(0)
     except lv.libvirtError as e:
-        if e.get_error_code() in (NO_SUPPORT, NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+        if e.get_error_code() in (NO_SUPPORT, NO_DOMAIN, OPERATION_INVALID):
             return None
         raise
     if not stats or stats.get("type") in (None, lv.VIR_DOMAIN_JOB_NONE):

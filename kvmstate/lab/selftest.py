@@ -26,6 +26,7 @@ from kvmstate.lab.config import BTRFS_LABEL, BTRFS_TOPLEVEL, NETWORK
 from kvmstate.lab.guest import initrd_path, kernel_path
 from kvmstate.lab.lab import Lab
 from kvmstate.lab.proc import LabError
+from kvmstate.transport.libvirt import libvirt_module
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def selftest(lab: Lab, console: Console | None = None) -> SelftestResult:
         return f"{GUEST} running on {src_host.name}, counter {value}"
 
     def migrate() -> str:
-        libvirt = virt._libvirt()
+        libvirt = libvirt_module()
         before = lab.guest_counter(GUEST)
         flags = (
             libvirt.VIR_MIGRATE_LIVE

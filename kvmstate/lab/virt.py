@@ -1,4 +1,5 @@
-"""The lab's only libvirt-python importer: connections to the lab hosts' libvirtd."""
+"""Connections to the lab hosts' libvirtd. libvirt itself (the module, its silenced stderr
+handler, the error codes) comes from ``kvmstate.transport.libvirt``, its one importer."""
 
 from __future__ import annotations
 
@@ -7,15 +8,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from kvmstate.transport.libvirt import is_not_found
+from kvmstate.transport.libvirt import libvirt_module as _libvirt
+
 log = logging.getLogger(__name__)
-
-
-def _libvirt() -> Any:
-    import libvirt
-
-    # libvirt prints every error to stderr by default; errors are raised as exceptions anyway.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return libvirt
 
 
 @contextlib.contextmanager
@@ -30,11 +26,10 @@ def connect(uri: str) -> Iterator[Any]:
 
 
 def lookup_domain(conn: Any, name: str) -> Any | None:
-    libvirt = _libvirt()
     try:
         return conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+    except Exception as exc:
+        if is_not_found(exc):
             return None
         raise
 

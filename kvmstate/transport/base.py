@@ -2,7 +2,7 @@
 
 Resources never import asyncssh or libvirt; they talk to these protocols. The real
 implementations are ``ssh.py`` (asyncssh) and ``libvirt.py`` (libvirt-python over the same SSH
-connection); ``fake.py`` is an in-memory host for fast tests.
+connection); ``kvmstate.testing.fake`` is an in-memory cluster for fast tests.
 """
 
 from __future__ import annotations
@@ -43,8 +43,26 @@ class CommandResult:
         return self
 
 
+class Process(Protocol):
+    """A command left running on one host (``Shell.start``): its stdout is read as it comes,
+    and closing its stdin (``close``) is how it is told to end."""
+
+    async def readline(self) -> str:
+        """The next line of stdout ("" at its end)."""
+        ...
+
+    async def finish(self) -> CommandResult:
+        """Wait for the command to exit by itself: the rest of its stdout, its stderr, status."""
+        ...
+
+    async def close(self) -> None:
+        """End of stdin, a short wait for the exit, then the channel is closed."""
+        ...
+
+
 class Shell(Protocol):
-    """Runs argv lists on one host. ``run_many`` costs one round trip for all of them."""
+    """Runs argv lists on one host. ``run_many`` costs one round trip for all of them;
+    ``start`` leaves one command running (e.g. holding a lock) until it is closed."""
 
     host: str
 
@@ -58,6 +76,8 @@ class Shell(Protocol):
     ) -> CommandResult: ...
 
     async def run_many(self, argvs: Sequence[Sequence[str]]) -> list[CommandResult]: ...
+
+    async def start(self, argv: Sequence[str]) -> Process: ...
 
 
 class Libvirt(Protocol):

@@ -17,7 +17,8 @@ that host. Calls awaited one after another still run in order. ``threads=1`` ser
 
 Errors: ``libvirtError`` becomes ``LibvirtError`` (a ``TransportError``) with the libvirt error
 ``code`` kept; ``not_found`` is true for "no such domain/pool/volume/..." so callers can treat
-it as absent.
+it as absent. Code running inside a call (``kvmstate.virt``, the fake, the lab) gets the module,
+its flags and its exception class from ``libvirt_module()`` and the error codes from here.
 """
 
 from __future__ import annotations
@@ -40,15 +41,16 @@ from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import SSHSettings
 
 if TYPE_CHECKING:
-    from kvmstate.transport.ssh import SSHHost
-    from kvmstate.transport.sshlib import asyncssh
+    from kvmstate.transport.ssh import SSHHost, UnixForward
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REMOTE_SOCKET = "/run/libvirt/libvirt-sock"
 
-# libvirt's virErrorNumber values (checked against the libvirt module in the tests).
+# libvirt's virErrorNumber values (checked against the libvirt module in the tests): known
+# without importing libvirt, which is imported on first use only (see ``libvirt_module``).
+VIR_ERR_NO_SUPPORT = 3
 VIR_ERR_NO_CONNECT = 5
 VIR_ERR_SYSTEM_ERROR = 38
 VIR_ERR_RPC = 39
@@ -58,6 +60,7 @@ VIR_ERR_AUTH_FAILED = 45
 VIR_ERR_NO_STORAGE_POOL = 49
 VIR_ERR_NO_STORAGE_VOL = 50
 VIR_ERR_NO_NODE_DEVICE = 53
+VIR_ERR_OPERATION_INVALID = 55
 VIR_ERR_NO_INTERFACE = 57
 VIR_ERR_NO_NWFILTER = 62
 VIR_ERR_NO_SECRET = 66
@@ -99,20 +102,37 @@ class LibvirtUnreachable(HostUnreachable):
     """The host answers SSH, but its libvirtd cannot be reached through it."""
 
 
-_handler_lock = threading.Lock()
-_handler_registered = False
+_module_lock = threading.Lock()
+_module: Any = None
+
+
+def libvirt_module() -> Any:
+    """The ``libvirt`` module, imported when a libvirt call is first made, not when kvmstate is
+    imported: validate, a plan of hosts without libvirt resources and the start of every
+    command do without it. Its default error handler (prints every error to stderr; errors are
+    raised as exceptions anyway) is replaced once per process, here and nowhere else."""
+    global _module
+    with _module_lock:
+        if _module is None:
+            import libvirt
+
+            libvirt.registerErrorHandler(_silence, None)
+            _module = libvirt
+        return _module
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    return None
 
 
 def silence_libvirt_stderr() -> None:
     """Replace libvirt's default handler (prints every error to stderr); once per process."""
-    global _handler_registered
-    with _handler_lock:
-        if _handler_registered:
-            return
-        import libvirt
+    libvirt_module()
 
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _handler_registered = True
+
+def is_not_found(e: BaseException) -> bool:
+    """Is ``e`` a raw ``libvirtError`` saying "no such domain/pool/volume/..."?"""
+    return isinstance(e, libvirt_module().libvirtError) and e.get_error_code() in NOT_FOUND_CODES
 
 
 def unix_uri(local_socket: str, driver: str = "qemu") -> str:
@@ -194,8 +214,7 @@ class LibvirtOverSSH:
         )
         self._lock = asyncio.Lock()
         self._conn: Any = None
-        self._listener: asyncssh.SSHListener | None = None
-        self._forward_conn: object = None
+        self._forward: UnixForward | None = None
         self._own_sockets = sockets is None
         self._sockets = sockets if sockets is not None else SocketDir()
         self.local_socket: str | None = None
@@ -208,24 +227,26 @@ class LibvirtOverSSH:
 
     async def forward(self) -> str:
         """Forward a private local socket to the host's libvirtd socket; its path."""
-        conn = await self.ssh.connection()
-        if self.local_socket is not None and self._listener is not None:
-            if self._forward_conn is conn:
+        if self.local_socket is not None and self._forward is not None:
+            if await self._forward.current():
                 return self.local_socket
             await self._teardown()  # the SSH connection was replaced: forward again
+        else:
+            await self.ssh.connection()  # unreachable: HostUnreachable, not LibvirtUnreachable
         local = self._sockets.socket(f"{self.host}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(local)  # left by this host's previous forward in this run
         try:
-            listener = await conn.forward_local_path(local, self.remote_socket)
+            forward = await self.ssh.forward_unix(local, self.remote_socket)
+        except HostUnreachable:
+            self._remove_socket(local)
+            raise
         except Exception as e:
             self._remove_socket(local)
             raise LibvirtUnreachable(
                 self.host, f"cannot forward a local socket to {self.remote_socket}: {e}"
             ) from e
-        self.ssh.stats.forwards += 1
-        self._listener, self.local_socket = listener, local
-        self._forward_conn = conn
+        self._forward, self.local_socket = forward, local
         return local
 
     async def connect(self) -> Any:
@@ -243,9 +264,7 @@ class LibvirtOverSSH:
             uri_where = self.remote_socket if self.direct_uri is None else uri
 
             def _open() -> Any:
-                import libvirt
-
-                silence_libvirt_stderr()
+                libvirt = libvirt_module()
                 try:
                     return libvirt.open(uri)
                 except libvirt.libvirtError as e:
@@ -275,9 +294,9 @@ class LibvirtOverSSH:
         host = self.host
         name = _describe(fn, args)
 
-        def _call() -> T:
-            import libvirt
+        libvirt = libvirt_module()
 
+        def _call() -> T:
             try:
                 return fn(*args)
             except libvirt.libvirtError as e:
@@ -305,9 +324,9 @@ class LibvirtOverSSH:
         if conn is None:
             return
 
-        def _alive() -> bool:
-            import libvirt
+        libvirt = libvirt_module()
 
+        def _alive() -> bool:
             try:
                 return bool(conn.isAlive())
             except libvirt.libvirtError:
@@ -321,22 +340,18 @@ class LibvirtOverSSH:
     async def _teardown(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            libvirt = libvirt_module()
 
             def _close() -> None:
-                import libvirt
-
                 try:
                     conn.close()
                 except libvirt.libvirtError as e:
                     log.debug("%s: closing libvirt: %s", self.host, e)
 
             await asyncio.get_running_loop().run_in_executor(self._executor, _close)
-        listener, self._listener = self._listener, None
-        self._forward_conn = None
-        if listener is not None:
-            listener.close()
-            with contextlib.suppress(Exception):
-                await listener.wait_closed()
+        forward, self._forward = self._forward, None
+        if forward is not None:
+            await forward.close()
         if self.local_socket is not None:
             self._remove_socket(self.local_socket)
             self.local_socket = None

@@ -12,9 +12,9 @@ import asyncio
 import logging
 
 from kvmstate.spec import Spec, SSHOverrides
-from kvmstate.transport.base import Libvirt, Shell, Transports
-from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, SocketDir, ssh_uri
-from kvmstate.transport.ssh import DEFAULT_MAX_SESSIONS, SSHHost, SSHShell, SSHTarget
+from kvmstate.transport.base import Libvirt, Process, Shell, Transports
+from kvmstate.transport.libvirt import REMOTE_SOCKET, LibvirtOverSSH, SocketDir
+from kvmstate.transport.ssh import DEFAULT_MAX_SESSIONS, SSHHost, SSHProcess, SSHShell, SSHTarget
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ class RealTransports:
             if isinstance(r, BaseException):
                 raise r
 
-    def migration_uri(self, host: str) -> str:
-        """``qemu+ssh://`` URI of ``host`` (for libvirt-managed/peer-to-peer migration)."""
-        return ssh_uri(self.spec.hosts[host].address, self.spec.ssh_for(host))
-
     def stats(self) -> dict[str, dict[str, int]]:
         """Per host: SSH ``connections`` opened and exec ``channels`` (round trips)."""
         return {h: s.stats.as_dict() for h, s in self._hosts.items()}
@@ -125,6 +121,6 @@ class RealTransports:
         await self.close()
 
 
-def _conforms(t: RealTransports) -> tuple[Transports, Shell, Libvirt]:
+def _conforms(t: RealTransports, p: SSHProcess) -> tuple[Transports, Shell, Libvirt, Process]:
     """Never called: lets mypy check that the real classes satisfy the protocols."""
-    return t, t.shell(""), t.libvirt("")
+    return t, t.shell(""), t.libvirt(""), p

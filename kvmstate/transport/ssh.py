@@ -464,6 +464,14 @@ class SSHHost:
             self._conn = None
         return HostUnreachable(self.host, f"connection to {self.target.address} lost: {why}")
 
+    async def forward_unix(self, local: str, remote: str) -> UnixForward:
+        """Listen on the local Unix socket ``local`` and carry each connection to it over this
+        host's SSH connection to the host's Unix socket ``remote`` (direct-streamlocal)."""
+        conn = await self.connection()
+        listener = await conn.forward_local_path(local, remote)
+        self.stats.forwards += 1
+        return UnixForward(self, conn, listener)
+
     async def close(self) -> None:
         attempt, self._attempt = self._attempt, None
         if attempt is not None and not attempt.done():
@@ -474,6 +482,27 @@ class SSHHost:
         if conn is not None:
             conn.close()
             await conn.wait_closed()
+
+
+class UnixForward:
+    """A local Unix socket forwarded over one SSH connection (``SSHHost.forward_unix``)."""
+
+    def __init__(
+        self, ssh: SSHHost, conn: asyncssh.SSHClientConnection, listener: asyncssh.SSHListener
+    ) -> None:
+        self._ssh = ssh
+        self._conn = conn
+        self._listener = listener
+
+    async def current(self) -> bool:
+        """Is it carried by the host's current connection (connecting if there is none)? False
+        once that connection was replaced: the forward went with the old one."""
+        return await self._ssh.connection() is self._conn
+
+    async def close(self) -> None:
+        self._listener.close()
+        with contextlib.suppress(Exception):
+            await self._listener.wait_closed()
 
 
 # --- the shell ---------------------------------------------------------------------------------
@@ -623,3 +652,45 @@ class SSHShell:
             [r.exit_status for r in results],
         )
         return results
+
+    async def start(self, argv: Sequence[str]) -> SSHProcess:
+        """Leave ``argv`` running in an exec channel of its own (outside ``max_sessions``: it
+        is held for as long as the caller needs it, e.g. the cluster lock for a whole apply)."""
+        conn = await self.ssh.connection()
+        self.ssh.stats.channels += 1
+        try:
+            proc = await conn.create_process(remote_command(argv, sudo=self.sudo))
+        except asyncssh.ChannelOpenError as e:
+            raise TransportError(
+                self.host, argv, None, f"cannot open a session: {e.reason}", temporary=True
+            ) from None
+        except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError) as e:
+            raise self.ssh.lost(conn, e) from None
+        return SSHProcess(self, argv, proc)
+
+
+class SSHProcess:
+    """``Process``: one exec channel left open on the host's shared connection."""
+
+    def __init__(
+        self, shell: SSHShell, argv: Sequence[str], proc: asyncssh.SSHClientProcess[str]
+    ) -> None:
+        self._shell = shell
+        self._argv = tuple(argv)
+        self._proc = proc
+
+    async def readline(self) -> str:
+        return await self._proc.stdout.readline()
+
+    async def finish(self) -> CommandResult:
+        rest = await self._proc.stdout.read()
+        # wait() collects what is left unread (stderr here): reading stderr after it gets ""
+        done = await self._proc.wait(check=False)
+        err = done.stderr if isinstance(done.stderr, str) else ""
+        return CommandResult(self._shell.host, self._argv, _status(done), rest, err)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self._proc.stdin.write_eof()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._proc.wait(check=False), timeout=timeout)
+        self._proc.close()

@@ -39,7 +39,7 @@ ONLY_WHEN_NEEDED = (
     "kvmstate.ops.evacuate",  # evacuate
     "kvmstate.journal",  # apply
     "kvmstate.metrics",  # drift --textfile
-    "kvmstate.transport.fake",  # tests
+    "kvmstate.testing",  # tests
 )
 
 

@@ -30,7 +30,7 @@ from kvmstate.ids import ResourceId
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
 from kvmstate.resources import KINDS
-from kvmstate.transport.fake import FakeCluster, FakeMount
+from kvmstate.testing.fake import FakeCluster, FakeMount
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 80

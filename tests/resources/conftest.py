@@ -10,7 +10,7 @@ from fakelab import make_spec, prepare
 
 from kvmstate.resources.base import Event, Options, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 
 @pytest.fixture

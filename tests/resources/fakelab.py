@@ -12,7 +12,7 @@ from kvmstate.model import Change
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster, FakeMount
+from kvmstate.testing.fake import FakeCluster, FakeMount
 
 LAB_SPEC = """
 version: 1

@@ -10,7 +10,7 @@ from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.model import Action
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 from kvmstate.virtxml import build_domain_xml, parse_domain_xml
 
 

@@ -9,7 +9,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.model import Action
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster, FakeFile
+from kvmstate.testing.fake import FakeCluster, FakeFile
 
 OTHER = "# exports managed by hand\n/srv/other 10.0.0.5(ro,sync,no_subtree_check)\n"
 LINE = "/srv/images 10.77.0.0/24(rw,sync,no_root_squash,no_subtree_check)\n"

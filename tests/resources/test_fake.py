@@ -13,8 +13,8 @@ from kvmstate.facts import Fact
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import Spec
+from kvmstate.testing.fake import FakeCluster, FakeCommandError
 from kvmstate.transport.base import write_file
-from kvmstate.transport.fake import FakeCluster, FakeCommandError
 
 
 def test_unknown_commands_are_rejected_loudly(cluster: FakeCluster) -> None:

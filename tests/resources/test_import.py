@@ -13,7 +13,7 @@ from kvmstate.model import Plan
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 
 async def plan_of(spec: Spec, cluster: FakeCluster) -> Plan:

@@ -16,7 +16,7 @@ from kvmstate.model import Action, Plan, Report, Status
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Event, Options, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 A, B = ResourceId("placement", "guest"), ResourceId("placement", "guest2")
 

@@ -11,7 +11,7 @@ from kvmstate.errors import RefusedError, TransportError
 from kvmstate.model import Action
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 LINE = "10.77.0.10:/srv/images /var/lib/libvirt/images nfs vers=3,nolock,_netdev 0 0"
 MP = "/var/lib/libvirt/images"

@@ -14,9 +14,9 @@ from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Status
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Options, RunContext
+from kvmstate.testing.fake import FakeCluster
 from kvmstate.transport import prereq
 from kvmstate.transport.base import CommandResult
-from kvmstate.transport.fake import FakeCluster
 
 WITH_PACKAGES = LAB_SPEC.replace(
     "  storage: {address: 10.77.0.10}\n",

@@ -13,7 +13,7 @@ from kvmstate import virt
 from kvmstate.model import Action
 from kvmstate.resources.base import Event, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 MOVED = LAB_SPEC.replace("    host: kvm-1\n", "    host: kvm-2\n")
 

@@ -10,7 +10,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.model import Action
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 
 def test_converge_drift_restore(spec: Spec, cluster: FakeCluster, ctx: RunContext) -> None:
@@ -50,13 +50,18 @@ def test_not_started_when_its_mount_is_missing(cluster: FakeCluster, ctx: RunCon
     assert st is None or not st.active
 
 
-def test_pool_sees_files_on_the_share(cluster: FakeCluster, ctx: RunContext) -> None:
+def test_a_volume_made_through_one_host_is_listed_by_the_other_hosts_pool(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    """kvmstate's behaviour (not the fake's): the volume is created through the pool's first
+    host, on the share; kvmstate refreshes the pool on the other host, so its libvirt lists
+    it without anyone refreshing by hand."""
     run(converge_upto(ctx, "pool"))
-    # a file appears on the share (written on the storage host); a refresh shows it
-    cluster["storage"].write("/srv/images/extra.raw", "x")
-    run(cluster.libvirt("kvm-2").run(virt.refresh_pool, cluster["kvm-2"].conn(), "images"))
+    before = virt.observe_pool(cluster["kvm-2"].conn(), "images")
+    assert before is not None and before.volumes == frozenset()
+    assert (run(converge(find(ctx.spec, "volume"), ctx))).is_noop
     st = virt.observe_pool(cluster["kvm-2"].conn(), "images")
-    assert st is not None and st.volumes == {"extra.raw"}
+    assert st is not None and st.volumes == {"guest.qcow2"}
 
 
 def test_path_change_is_redefined(cluster: FakeCluster, ctx: RunContext) -> None:

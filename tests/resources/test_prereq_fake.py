@@ -10,7 +10,7 @@ from kvmstate.engine import Engine
 from kvmstate.graph import build_graph
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Options, RunContext
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 
 def engine(cluster: FakeCluster) -> Engine:

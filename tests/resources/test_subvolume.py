@@ -9,7 +9,7 @@ from kvmstate.errors import KvmstateError
 from kvmstate.model import Action
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 FSTAB_LINE = "LABEL=labpool /srv/images btrfs subvol=images,noatime 0 0"
 
@@ -126,7 +126,7 @@ def test_another_filesystem_on_the_mountpoint_is_refused(
 
 
 async def st_mount_tmpfs(st: object) -> None:
-    from kvmstate.transport.fake import FakeMount
+    from kvmstate.testing.fake import FakeMount
 
     st.mounts.append(FakeMount("tmpfs", "/srv/images", "tmpfs", ("rw",)))  # type: ignore[attr-defined]
 

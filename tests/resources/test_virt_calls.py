@@ -16,7 +16,7 @@ from fakelab import converge_upto, run
 
 from kvmstate import virt
 from kvmstate.resources.base import RunContext
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 LOCAL = {"name", "UUIDString", "UUID", "ID", "connect"}  # no RPC: libvirt keeps these
 

@@ -10,7 +10,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.model import Action
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.spec import Spec
-from kvmstate.transport.fake import FakeCluster
+from kvmstate.testing.fake import FakeCluster
 
 PATH = "/var/lib/libvirt/images/guest.qcow2"
 

@@ -2,20 +2,28 @@
 
 Anything else raises ``FakeCommandError`` (a test fails loudly). A command that would exit
 non-zero on a real host raises ``Fail`` (turned into a non-zero ``CommandResult``).
+
+The fake prints what the real command prints (text: ``exportfs -v`` in nfs-utils' format,
+mountinfo with the kernel's octal escapes) and lets kvmstate's own parsers read it. Where it
+must understand a file it simulates (/etc/fstab for ``mount TARGET``, /etc/exports for
+``exportfs -ra``), it reads it with its own small readers below, never with kvmstate's parsers:
+a bug in those parsers then shows up in the fake tests instead of being mirrored by the fake.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvmstate import hostfacts, nfsexports
+from kvmstate.clusterlock import LOCK_SCRIPT
 from kvmstate.errors import KvmstateError
+from kvmstate.nfsexports import EXPORTS_D_SCRIPT
 from kvmstate.transport import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 
 if TYPE_CHECKING:
-    from kvmstate.transport.fake import FakeHost
+    from kvmstate.testing.fake import FakeHost
 
 
 class FakeCommandError(KvmstateError):
@@ -23,10 +31,11 @@ class FakeCommandError(KvmstateError):
 
 
 class Fail(Exception):
-    def __init__(self, stderr: str, status: int = 1) -> None:
+    def __init__(self, stderr: str, status: int = 1, stdout: str = "") -> None:
         super().__init__(stderr)
         self.stderr = stderr
         self.status = status
+        self.stdout = stdout
 
 
 @dataclass
@@ -90,6 +99,12 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             old = fh.files.get(p)
             fh.files[p] = FakeFile(input or "", mode=old.mode if old else mode)
             return ""
+        case ("sh", "-c", script, "kvmstate-lock", holder) if script == LOCK_SCRIPT:
+            # flock -n on the lock file: refused (75, the holder printed) while held
+            if h.lock_holder is not None:
+                raise Fail("", 75, stdout=h.lock_holder + "\n")
+            h.lock_holder = holder
+            return "LOCKED\n"
         case ("sh", "-c", script, "kvmstate-prereq", *probes) if script == prereq.CHECK_SCRIPT:
             return "".join(f"missing {p}\n" for p in probes if p in h.missing)
         case ("dpkg-query", "-W", "-f", _fmt, "--", *pkgs):
@@ -111,7 +126,7 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
                 raise Fail(f"E: Unable to locate package {pkgs[0]}", 100)
             h.install(pkgs)
             return ""
-        case ("sh", "-c", script) if script == nfsexports.EXPORTS_D_SCRIPT:
+        case ("sh", "-c", script) if script == EXPORTS_D_SCRIPT:
             out = []
             for p in sorted(h.files):
                 if _parent(p) == "/etc/exports.d" and p.endswith(".exports"):
@@ -246,8 +261,108 @@ def _btrfs_path(h: FakeHost, path: str) -> tuple[FakeBtrfs, str]:
     return h.btrfs[m.source], rel
 
 
+# --- the fake's own readers and printers of the files and tables it simulates -----------------
+
+
+def octal_unescape(text: str) -> str:
+    """fstab(5), exports(5) and the kernel write a space as \\040 (and so on)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def octal_escape(text: str) -> str:
+    """The kernel's escaping of mountinfo fields (space, tab, newline, backslash)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in text)
+
+
+@dataclass(frozen=True)
+class FstabLine:
+    source: str
+    mountpoint: str
+    fstype: str
+    options: tuple[str, ...]
+
+
+def read_fstab(text: str) -> list[FstabLine]:
+    """What ``mount TARGET`` reads of /etc/fstab (lines it cannot read are skipped, as mount
+    skips them with a warning)."""
+    out = []
+    for raw in text.splitlines():
+        fields = raw.split("#", 1)[0].split()
+        if len(fields) < 3:
+            continue
+        opts = tuple(fields[3].split(",")) if len(fields) > 3 else ("defaults",)
+        out.append(FstabLine(octal_unescape(fields[0]), octal_unescape(fields[1]), fields[2], opts))
+    return out
+
+
+def read_exports(text: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """What ``exportfs -ra`` reads of an exports(5) file: (path, client, options) with the
+    ``-defaults`` of the line first; a client without options gets none of its own."""
+    out = []
+    logical, buf = [], ""
+    for raw in text.splitlines():
+        line = raw if raw.lstrip().startswith('"') else raw.split("#", 1)[0]
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        logical.append(buf + line)
+        buf = ""
+    logical.append(buf)
+    for line in (x.strip() for x in logical):
+        if not line:
+            continue
+        if line.startswith('"'):
+            end = line.index('"', 1)
+            path, words = line[1:end], line[end + 1 :].split()
+        else:
+            path, *words = line.split()
+        defaults: tuple[str, ...] = ()
+        for word in words or ["*"]:
+            if word.startswith("-"):
+                defaults = tuple(o for o in word[1:].split(",") if o)
+                continue
+            client, _, opts = word.partition("(")
+            own = tuple(o for o in opts.rstrip(")").split(",") if o)
+            out.append((octal_unescape(path), client or "*", defaults + own))
+    return out
+
+
+# what nfs-utils assumes for an option not given, and each option's opposite
+_EXPORT_DEFAULTS = ("ro", "sync", "wdelay", "hide", "no_subtree_check", "secure", "root_squash")
+_OPPOSITES = {
+    "rw": "ro", "ro": "rw", "sync": "async", "async": "sync", "wdelay": "no_wdelay",
+    "no_wdelay": "wdelay", "hide": "nohide", "nohide": "hide",
+    "subtree_check": "no_subtree_check", "no_subtree_check": "subtree_check",
+    "secure": "insecure", "insecure": "secure", "root_squash": "no_root_squash",
+    "no_root_squash": "root_squash", "all_squash": "no_all_squash", "no_all_squash": "all_squash",
+}  # fmt: skip
+
+
+def exportfs_options(options: frozenset[str] | tuple[str, ...]) -> str:
+    """One export's options as nfs-utils' ``exportfs -v`` prints them: every flag spelled
+    out in its fixed order, ``no_subtree_check`` shown and ``subtree_check`` not."""
+    o: set[str] = set()
+    for opt in (*_EXPORT_DEFAULTS, *sorted(options)):
+        o.discard(_OPPOSITES.get(opt, ""))
+        o.add(opt)
+    out = ["async" if "async" in o else "sync", "no_wdelay" if "no_wdelay" in o else "wdelay"]
+    out.append("nohide" if "nohide" in o else "hide")
+    if "crossmnt" in o:
+        out.append("crossmnt")
+    if "subtree_check" not in o:
+        out.append("no_subtree_check")
+    out.append("sec=sys")
+    out.append("rw" if "rw" in o else "ro")
+    out.append("insecure" if "insecure" in o else "secure")
+    out.append("no_root_squash" if "no_root_squash" in o else "root_squash")
+    out.append("all_squash" if "all_squash" in o else "no_all_squash")
+    return ",".join(out)
+
+
 def _mount_from_fstab(h: FakeHost, target: str) -> None:
-    entry = hostfacts.fstab_entry_for(h.read("/etc/fstab"), target)
+    entry = next(
+        (e for e in read_fstab(h.read("/etc/fstab") or "") if e.mountpoint == target), None
+    )
     if entry is None:
         raise Fail(f"mount: {target}: can't find in /etc/fstab.", 1)
     if h.mount_at(target) is not None:
@@ -284,31 +399,30 @@ def _mount_from_fstab(h: FakeHost, target: str) -> None:
     h.mounts.append(FakeMount(entry.source, target, fstype, visible, "/", nfs))
 
 
-def _export_entries(h: FakeHost) -> list[nfsexports.ExportLine]:
-    lines = nfsexports.parse_exports(h.read("/etc/exports") or "")
+def _export_entries(h: FakeHost) -> list[tuple[str, str, tuple[str, ...]]]:
+    entries = read_exports(h.read("/etc/exports") or "")
     for p in sorted(h.files):
         if _parent(p) == "/etc/exports.d" and p.endswith(".exports"):
-            lines += nfsexports.parse_exports(h.files[p].content, p)
-    return lines
+            entries += read_exports(h.files[p].content)
+    return entries
 
 
 def _exportfs_ra(h: FakeHost) -> None:
     live: dict[tuple[str, str], frozenset[str]] = {}
-    for line in _export_entries(h):
-        if not h.is_dir(line.path):
-            raise Fail(f"exportfs: Failed to stat {line.path}: No such file or directory")
-        for client, opts in line.clients:
-            live[(line.path, client)] = frozenset(opts)
+    for path, client, opts in _export_entries(h):
+        if not h.is_dir(path):
+            raise Fail(f"exportfs: Failed to stat {path}: No such file or directory")
+        live[(path, client)] = frozenset(opts)
     h.exports_live = live
 
 
 def _exportfs_v(h: FakeHost) -> str:
-    order = ("sync", "wdelay", "hide", "no_subtree_check", "sec=sys", "rw", "secure")
+    """nfs-utils' dump(): the path padded to 14 columns, or on a line of its own (and the
+    client after two tabs on the next) when longer; ``*`` shown as ``<world>``."""
     out = []
     for (path, client), opts in sorted(h.exports_live.items()):
-        norm = nfsexports.normalize_export_options([*opts, "wdelay", "sec=sys"])
-        shown = sorted(norm, key=lambda o: (order.index(o) if o in order else 99, o))
         who = "<world>" if client == "*" else client
-        head = f"{path:<14}\n\t\t{who}" if len(path) > 14 else f"{path:<14}\t{who}"
-        out.append(f"{head}({','.join(shown)})\n")
+        shown = octal_escape(path)
+        head = f"{shown}\n\t\t{who}" if len(shown) > 14 else f"{shown:<14}\t{who}"
+        out.append(f"{head}({exportfs_options(opts)})\n")
     return "".join(out)

@@ -12,7 +12,10 @@ in memory and has no files, so ``FakeLibvirt.run`` keeps both worlds consistent 
 fake filesystem, ``refresh_pool``/``start_pool`` rescan the (possibly NFS-shared) directory like
 a real dir pool, ``resize_volume`` (unsupported by the test driver) is emulated by re-creating
 the volume, and ``migrate`` (unsupported, code 3) by define+start on the target and
-destroy+undefine on the source. These are the documented compromises of the fake.
+destroy+undefine on the source. These are the documented compromises of the fake. The fake
+does this with plain libvirt calls and its own XML reading (never ``kvmstate.virt``'s or
+``kvmstate.virtxml``'s helpers), and its hosts print command output as the real commands do
+(see ``fake_cmds``), so kvmstate's parsers and helpers are tested, not mirrored.
 """
 
 from __future__ import annotations
@@ -22,25 +25,26 @@ import contextlib
 import ipaddress
 import os
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import libvirt
-
-from kvmstate import virt, virtxml
+from kvmstate import virt
 from kvmstate.errors import HostUnreachable, TransportError
 from kvmstate.spec import Spec
-from kvmstate.transport import prereq
-from kvmstate.transport.base import CommandResult
-from kvmstate.transport.fake_cmds import (
+from kvmstate.testing.fake_cmds import (
     Fail,
     FakeBtrfs,
     FakeCommandError,
     FakeFile,
     FakeMount,
     is_under,
+    octal_escape,
     run_command,
 )
+from kvmstate.transport import prereq
+from kvmstate.transport.base import CommandResult, Libvirt, Process, Shell, Transports
+from kvmstate.transport.libvirt import libvirt_module
 
 T = TypeVar("T")
 
@@ -72,6 +76,7 @@ class FakeHost:
         self.nfs_as_fuse = False  # show NFS mounts as fuse.glusterfs (the lab's client)
         self.reachable = True
         self.failures: dict[tuple[str, ...], tuple[int, str, str]] = {}
+        self.lock_holder: str | None = None  # the cluster lock script's holder line, while held
         self.round_trips = 0
         self.history: list[tuple[str, ...]] = []
         fd, self._xml = tempfile.mkstemp(prefix=f"kvmstate-fake-{name}-", suffix=".xml")
@@ -119,7 +124,7 @@ class FakeHost:
 
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = virt.open_connection(self.uri)
+            self._conn = libvirt_module().open(self.uri)
         return self._conn
 
     # --- filesystem --------------------------------------------------------------------------
@@ -155,8 +160,9 @@ class FakeHost:
         lines = []
         for i, m in enumerate(self.mounts):
             lines.append(
-                f"{20 + i} 1 0:{30 + i} {m.root} {m.mountpoint} {','.join(m.options)} - "
-                f"{m.fstype} {m.source} {','.join(m.super_options) or 'rw'}"
+                f"{20 + i} 1 0:{30 + i} {octal_escape(m.root)} {octal_escape(m.mountpoint)} "
+                f"{','.join(m.options)} - {m.fstype} {octal_escape(m.source)} "
+                f"{','.join(m.super_options) or 'rw'}"
             )
         return "\n".join(lines) + "\n"
 
@@ -172,8 +178,13 @@ class FakeHost:
         except FakeCommandError:
             raise
         except Fail as e:
-            return CommandResult(self.name, argv, e.status, "", e.stderr)
+            return CommandResult(self.name, argv, e.status, e.stdout, e.stderr)
         return CommandResult(self.name, argv, 0, out, "")
+
+    def end(self, argv: tuple[str, ...]) -> None:
+        """A started command's stdin was closed: it exits (the cluster lock is released)."""
+        if argv[:2] == ("sh", "-c") and argv[3:4] == ("kvmstate-lock",) and self.lock_holder:
+            self.lock_holder = None
 
     def check_reachable(self) -> None:
         if not self.reachable:
@@ -203,6 +214,37 @@ class FakeShell:
         self._host.round_trips += 1
         return [self._host.execute(a) for a in argvs]
 
+    async def start(self, argv: Sequence[str]) -> FakeProcess:
+        self._host.check_reachable()
+        self._host.round_trips += 1
+        return FakeProcess(self._host, self._host.execute(argv))
+
+
+class FakeProcess:
+    """A started command: its output is what ``execute`` printed; a command that succeeded
+    keeps running until ``close`` (then ``FakeHost.end``), one that failed has exited."""
+
+    def __init__(self, host: FakeHost, result: CommandResult) -> None:
+        self._host = host
+        self._result = result
+        self._lines = result.stdout.splitlines(keepends=True)
+        self._closed = False
+
+    async def readline(self) -> str:
+        return self._lines.pop(0) if self._lines else ""
+
+    async def finish(self) -> CommandResult:
+        rest, self._lines = "".join(self._lines), []
+        self._closed = True
+        r = self._result
+        return CommandResult(r.host, r.argv, r.exit_status, rest, r.stderr)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._result.ok:
+                self._host.end(self._result.argv)
+
 
 class FakeLibvirt:
     """libvirt's test driver for one fake host, kept consistent with the fake filesystem."""
@@ -219,16 +261,18 @@ class FakeLibvirt:
         self._host.check_reachable()
         try:
             return await asyncio.to_thread(self._call, fn, *args)
-        except libvirt.libvirtError as e:
+        except libvirt_module().libvirtError as e:
             raise TransportError(self.host, getattr(fn, "__name__", "libvirt"), None, str(e)) from e
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         h = self._host
         if fn is virt.resize_volume:
             _, pool, name, capacity = args
-            path = virt.lookup_pool(h.conn(), pool).storageVolLookupByName(name).path()
-            virt.delete_volume(h.conn(), pool, name)
-            virt.create_volume(h.conn(), pool, name, _fmt_of(name), capacity)
+            lvpool = h.conn().storagePoolLookupByName(pool)
+            vol = lvpool.storageVolLookupByName(name)
+            path = vol.path()
+            vol.delete(0)
+            lvpool.createXML(_volume_xml(name, capacity), 0)
             fh, p = h.resolve(path)
             fh.files.setdefault(p, FakeFile()).size = capacity
             return None  # type: ignore[return-value]
@@ -240,24 +284,27 @@ class FakeLibvirt:
         result = fn(*args)
         if fn is virt.create_volume:
             _, pool, name, _fmt, capacity = args
-            path = virt.lookup_pool(h.conn(), pool).storageVolLookupByName(name).path()
+            path = h.conn().storagePoolLookupByName(pool).storageVolLookupByName(name).path()
             fh, p = h.resolve(path)
             fh.files[p] = FakeFile(size=capacity, mode="0600")
         elif fn is virt.delete_volume:
             _, pool, name = args
-            pool_path = virtxml.parse_pool_path(virt.lookup_pool(h.conn(), pool).XMLDesc(0))
+            pool_path = _pool_path(h.conn().storagePoolLookupByName(pool))
             fh, p = h.resolve(f"{pool_path}/{name}")
             fh.files.pop(p, None)
         return result
 
     def _sync_pool(self, name: str, starting: bool) -> None:
         h = self._host
-        pool = virt.lookup_pool(h.conn(), name)
+        pools = {p.name(): p for p in h.conn().listAllStoragePools(0)}
+        pool = pools.get(name)
         if pool is None:
             return
-        path = virtxml.parse_pool_path(pool.XMLDesc(0))
+        path = _pool_path(pool)
         if starting and not h.is_dir(path):
-            raise libvirt.libvirtError(f"cannot open directory '{path}': No such file or directory")
+            raise libvirt_module().libvirtError(
+                f"cannot open directory '{path}': No such file or directory"
+            )
         if not pool.isActive() and not starting:
             return
         if starting:
@@ -270,17 +317,37 @@ class FakeLibvirt:
         have = set(pool.listVolumes())
         for n, f in present.items():
             if n not in have:
-                pool.createXML(virtxml.volume_xml(n, _fmt_of(n), f.size), 0)
+                pool.createXML(_volume_xml(n, f.size), 0)
 
     def _migrate(self, src: Any, dst: Any, name: str, params: Any, flags: int) -> None:
-        xml = virt.inactive_xml(src, name)
-        virt.define_domain(dst, xml)
-        virt.start_domain(dst, name)
-        virt.undefine_domain(src, name)
+        lv = libvirt_module()
+        dom = src.lookupByName(name)
+        dst.defineXML(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE))
+        dst.lookupByName(name).create()
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
 
 
-def _fmt_of(name: str) -> str:
-    return "qcow2" if name.endswith(".qcow2") else "raw"
+# The fake's own reading and writing of libvirt XML (not kvmstate.virtxml's, whose bugs the
+# fake must not mirror).
+
+
+def _pool_path(pool: Any) -> str:
+    root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - from the fake host's own driver
+    path = root.findtext("target/path")
+    if not path:
+        raise AssertionError(f"fake: pool {pool.name()} has no target path")
+    return path
+
+
+def _volume_xml(name: str, capacity: int) -> str:
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type="qcow2" if name.endswith(".qcow2") else "raw")
+    return ET.tostring(vol, encoding="unicode")
 
 
 class FakeCluster:
@@ -335,3 +402,8 @@ class FakeCluster:
 
 
 __all__ = ["FakeBtrfs", "FakeCluster", "FakeCommandError", "FakeFile", "FakeHost", "FakeMount"]
+
+
+def _conforms(c: FakeCluster, p: FakeProcess) -> tuple[Transports, Shell, Libvirt, Process]:
+    """Never called: lets mypy check that the fake classes satisfy the protocols."""
+    return c, c.shell(""), c.libvirt(""), p
