@@ -65,8 +65,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _Blocked(Exception):
-    pass
+class Blocked(Exception):
+    """The re-check found the change blocked now (its reason is the message)."""
 
 
 def nx_ancestors(graph: ResourceGraph, rid: ResourceId) -> set[ResourceId]:
@@ -417,19 +417,11 @@ class Engine:
                 await sem.acquire()
             try:
                 try:
-                    change = await self._recheck(r, planned)
-                except _Blocked as b:
+                    change = await self.mutate(r, planned)
+                except Blocked as b:
                     return Outcome(rid, Status.BLOCKED, planned, error=str(b))
                 if change is None:
                     return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
-                r.log.info("%s: %s", change.action.value, change.reason or "applying")
-                observed = await self._retry(str(rid), lambda: r.apply(change, self.ctx))
-                for h in r.hosts():
-                    self.ctx.invalidate(h)
-                after = r.diff(observed)
-                if not after.is_noop:
-                    fields = ", ".join(d.field for d in after.diffs) or after.reason
-                    raise KvmstateError(f"{rid}: still not converged after apply ({fields})")
             finally:
                 for sem in reversed(sems):
                     sem.release()
@@ -442,8 +434,29 @@ class Engine:
         self.ctx.emit({"event": "apply-done", "id": str(rid), "action": planned.action.value})
         return Outcome(rid, Status.CHANGED, change, elapsed=time.monotonic() - started)
 
-    async def _recheck(self, r: Resource[Any], planned: Change) -> Change | None:
-        """Re-observe right before mutating. None = nothing left to do."""
+    async def mutate(self, r: Resource[Any], planned: Change) -> Change | None:
+        """The apply of one node, with no walking around it: re-check right before mutating
+        (refusing if the world moved away from ``planned``; ``Blocked`` if it is blocked
+        now), apply from that observation, and fail unless apply's result diffs as NOOP.
+        Returns the change made, or None when the re-check found nothing left to do."""
+        rechecked = await self._recheck(r, planned)
+        if rechecked is None:
+            return None
+        change, current = rechecked
+        assert not change.blocked  # _recheck raised Blocked: never reaches apply
+        r.log.info("%s: %s", change.action.value, change.reason or "applying")
+        observed = await self._retry(str(r.id), lambda: r.apply(change, current, self.ctx))
+        for h in r.hosts():
+            self.ctx.invalidate(h)
+        after = r.diff(observed)
+        if not after.is_noop:
+            fields = ", ".join(d.field for d in after.diffs) or after.reason
+            raise KvmstateError(f"{r.id}: still not converged after apply ({fields})")
+        return change
+
+    async def _recheck(self, r: Resource[Any], planned: Change) -> tuple[Change, Any] | None:
+        """Re-observe right before mutating: (the change to make now, the observation apply
+        starts from). None = nothing left to do."""
         for h in r.hosts():
             self.ctx.invalidate(h)
         observed = await self._retry(str(r.id), lambda: r.recheck(self.ctx))
@@ -458,5 +471,5 @@ class Engine:
                 f"now {fresh.action.value}); run plan again"
             )
         if fresh.blocked:
-            raise _Blocked(fresh.blocked)
-        return fresh
+            raise Blocked(fresh.blocked)
+        return fresh, observed

@@ -1,11 +1,13 @@
 """The resource contract every kind implements, and the context the engine hands it.
 
-    observe(ctx)         read-only; returns a small frozen observed state, or None = absent
-    diff(observed)       pure: compares only the fields the spec sets; returns a Change
-    apply(change, ctx)   mutates, then re-observes and returns the new observed state
+    observe(ctx)                   read-only; a small frozen observed state, or None = absent
+    diff(observed)                 pure: compares only the fields the spec sets; a Change
+    apply(change, observed, ctx)   mutates, starting from ``observed`` (the engine's re-check,
+                                   made right before), then observes once and returns that
 
-There is no dry-run flag: plan = observe + diff; apply is the only mutating path. The engine
-re-diffs what apply returns and fails the node unless it is NOOP.
+There is no dry-run flag: plan = observe + diff; apply is the only mutating path. Two
+observations per mutated node: the engine's re-check and apply's result. The engine re-diffs
+what apply returns and fails the node unless it is NOOP. A blocked change never reaches apply.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ class Resource(ABC, Generic[ObsT]):
     def diff(self, observed: ObsT | None) -> Change: ...
 
     @abstractmethod
-    async def apply(self, change: Change, ctx: RunContext) -> ObsT | None: ...
+    async def apply(self, change: Change, observed: ObsT | None, ctx: RunContext) -> ObsT | None:
+        """Make the spec true, from ``observed`` (what the engine's re-check just read: do not
+        observe again before mutating), and return one fresh observation of the result."""
 
     # --- helpers for subclasses ------------------------------------------------------------------
     def change(

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from kvmstate import virt
-from kvmstate.errors import KvmstateError, RefusedError
+from kvmstate.errors import KvmstateError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff
 from kvmstate.resources.base import Resource, RunContext
@@ -208,10 +208,10 @@ class DomainResource(Resource[DomainObs]):
             )
         return ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> DomainObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
-        cur = await self.observe(ctx)
+    async def apply(
+        self, change: Change, observed: DomainObs | None, ctx: RunContext
+    ) -> DomainObs | None:
+        cur = observed
         host = cur.host if cur else self.d.host
         lv = ctx.libvirt(host)
         conn = await lv.connect()

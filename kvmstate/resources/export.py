@@ -134,9 +134,9 @@ class ExportResource(Resource[ExportState]):
             )
         return ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> ExportState | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def apply(
+        self, change: Change, observed: ExportState | None, ctx: RunContext
+    ) -> ExportState | None:
         shell = ctx.shell(self.h)
         if not self.absent:
             res = await shell.run(["test", "-d", self.ex.path], check=False)

@@ -137,10 +137,11 @@ class MountResource(Resource[MountState]):
         self.log.info("%s: umount %s (%s)", self.h, self.m.mountpoint, why)
         await ctx.shell(self.h).run(["umount", self.m.mountpoint])
 
-    async def apply(self, change: Change, ctx: RunContext) -> MountState | None:
-        ctx.invalidate(self.h)
+    async def apply(
+        self, change: Change, observed: MountState | None, ctx: RunContext
+    ) -> MountState | None:
+        before = observed
         try:
-            before = await self.observe(ctx)
             if self.absent:
                 if before is not None and before.mount is not None:
                     await self._umount(ctx, "state: absent")

@@ -64,7 +64,9 @@ class PackagesResource(Resource[PackagesState]):
             missing=tuple(missing),
         )
 
-    async def apply(self, change: Change, ctx: RunContext) -> PackagesState:
+    async def apply(
+        self, change: Change, observed: PackagesState | None, ctx: RunContext
+    ) -> PackagesState:
         missing = list(change.data["missing"])
         self.log.info("installing on %s: %s", self.name, " ".join(missing))
         # the engine re-read them right before this: no second dpkg query

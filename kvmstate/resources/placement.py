@@ -337,12 +337,12 @@ class PlacementResource(Resource[PlacementObs]):
             out.append(c)
         return tuple(out)
 
-    async def apply(self, change: Change, ctx: RunContext) -> PlacementObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
-        # where the domain is now; the engine ran the pre-flight checks just before this, and
-        # the memory check is made again below, under the target's lock
-        cur = await self.observe(ctx, preflight=False)
+    async def apply(
+        self, change: Change, observed: PlacementObs | None, ctx: RunContext
+    ) -> PlacementObs | None:
+        # where the domain is now: the engine's re-check, just before this (the memory check
+        # is made again below, under the target's lock)
+        cur = observed
         if cur is None or cur.target == cur.host:
             return cur
         src, dst = cur.host, cur.target

@@ -113,16 +113,16 @@ class PoolResource(Resource[PoolObs]):
                 f"({mp}), which is not mounted; refusing to start the pool on the bare directory"
             )
 
-    async def apply(self, change: Change, ctx: RunContext) -> PoolObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def apply(
+        self, change: Change, observed: PoolObs | None, ctx: RunContext
+    ) -> PoolObs | None:
         lv = ctx.libvirt(self.h)
         conn = await lv.connect()
         if self.absent:
             self.log.info("%s: undefining pool %s", self.h, self.name)
             await lv.run(virt.undefine_pool, conn, self.name)
             return await self.observe(ctx)
-        cur = await self.observe(ctx)
+        cur = observed
         if cur is not None and cur.path != self.p.path:
             if cur.in_use:
                 raise RefusedError(f"pool {self.name}: path change refused, in use: {cur.in_use}")

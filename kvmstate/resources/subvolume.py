@@ -151,12 +151,21 @@ class SubvolumeResource(Resource[SubvolumeState]):
             )
         return ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> SubvolumeState | None:
+    async def apply(
+        self, change: Change, observed: SubvolumeState | None, ctx: RunContext
+    ) -> SubvolumeState | None:
         shell = ctx.shell(self.h)
         try:
             if self.absent:
-                await self._delete(ctx, change)
+                await self._delete(ctx, observed)
                 return await self.observe(ctx)
+            cur = observed or SubvolumeState(None, False, None, None)
+            if cur.mount is not None and not self._is_ours(cur.mount, cur.device_node):
+                # refused before anything is written: the host stays exactly as it was
+                raise RefusedError(
+                    f"{self.h}: {self.sv.mountpoint} has {cur.mount.source}:{cur.mount.root} "
+                    f"mounted, not subvolume {self.name}; unmount it first"
+                )
             fields = {d.field for d in change.diffs}
             if "subvolume" in fields:
                 async with self._toplevel(ctx) as top:
@@ -168,33 +177,15 @@ class SubvolumeResource(Resource[SubvolumeState]):
                         await shell.run(["btrfs", "subvolume", "create", f"{top}/{self.name}"])
             if "fstab" in fields:
                 await set_fstab_line(ctx, self.h, self.sv.mountpoint, self.fstab_line(), self.log)
-            ctx.invalidate(self.h)
-            cur = await self.observe(ctx)
-            ours = (
-                cur is not None
-                and cur.mount is not None
-                and self._is_ours(cur.mount, cur.device_node)
-            )
-            if "fstab" in fields and ours:  # new options in fstab: remount now
-                opts = ",".join(["remount", *self.sv.mount_options])
-                self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
-                await shell.run(["mount", "-o", opts, self.sv.mountpoint])
-                ctx.invalidate(self.h)
-                cur = await self.observe(ctx)
-            if cur is not None and cur.mount is None:
+            if cur.mount is None:
                 await mkdir_p(ctx, self.h, self.sv.mountpoint, self.log)
                 self.log.info("%s: mount %s", self.h, self.sv.mountpoint)
                 await shell.run(["mount", self.sv.mountpoint])
-            elif cur is not None and cur.mount is not None:
-                if not self._is_ours(cur.mount, cur.device_node):
-                    raise RefusedError(
-                        f"{self.h}: {self.sv.mountpoint} has {cur.mount.source}:{cur.mount.root} "
-                        f"mounted, not subvolume {self.name}; unmount it first"
-                    )
-                if self._missing_options(cur.mount):
-                    opts = ",".join(["remount", *self.sv.mount_options])
-                    self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
-                    await shell.run(["mount", "-o", opts, self.sv.mountpoint])
+            elif "fstab" in fields or self._missing_options(cur.mount):
+                # new options in fstab, or options missing from the live mount: remount now
+                opts = ",".join(["remount", *self.sv.mount_options])
+                self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
+                await shell.run(["mount", "-o", opts, self.sv.mountpoint])
         finally:
             ctx.invalidate(self.h)
         return await self.observe(ctx)
@@ -216,11 +207,8 @@ class SubvolumeResource(Resource[SubvolumeState]):
             await shell.run(["umount", tmp])
             await shell.run(["rmdir", "--", tmp], check=False)
 
-    async def _delete(self, ctx: RunContext, change: Change) -> None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def _delete(self, ctx: RunContext, cur: SubvolumeState | None) -> None:
         shell = ctx.shell(self.h)
-        cur = await self.observe(ctx)
         if cur is not None and cur.mount is not None:
             self.log.info("%s: umount %s", self.h, self.sv.mountpoint)
             await shell.run(["umount", self.sv.mountpoint])

@@ -9,6 +9,7 @@ volume is visible wherever a domain may run. A volume is a disk: deleting it alw
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -122,12 +123,12 @@ class VolumeResource(Resource[VolumeObs]):
         ch = self.change(Action.UPDATE, diffs, f"volume {self.name}")
         return ch.with_blocked(blocked) if blocked else ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> VolumeObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def apply(
+        self, change: Change, observed: VolumeObs | None, ctx: RunContext
+    ) -> VolumeObs | None:
         lv = ctx.libvirt(self.h)
         conn = await lv.connect()
-        cur = await self.observe(ctx)
+        cur = observed
         if cur is not None and cur.unknown:
             raise RefusedError(f"volume {self.name}: {cur.unknown}")
         if self.absent:
@@ -161,15 +162,15 @@ class VolumeResource(Resource[VolumeObs]):
             )
             await lv.run(virt.resize_volume, conn, self.v.pool, self.name, self.v.capacity)
             await self._refresh_others(ctx)
-        cur = await self.observe(ctx)
-        if cur is None:
-            raise KvmstateError(f"{self.h}: volume {self.name} missing right after creation")
-        if (self.v.owner and cur.owner != self.v.owner) or (
-            self.v.group and cur.group != self.v.group
-        ):
+        # a new volume: its owner is whatever libvirt made it; an existing one: as observed
+        path = posixpath.join(self.spec.pools[self.v.pool].path, self.name)
+        owner, group = (None, None) if cur is None else (cur.owner, cur.group)
+        if cur is not None:
+            path = cur.path
+        if (self.v.owner and owner != self.v.owner) or (self.v.group and group != self.v.group):
             who = f"{self.v.owner or ''}:{self.v.group or ''}"
-            self.log.info("%s: chown %s %s", self.h, who, cur.path)
-            await ctx.shell(self.h).run(["chown", who, "--", cur.path])
+            self.log.info("%s: chown %s %s", self.h, who, path)
+            await ctx.shell(self.h).run(["chown", who, "--", path])
         return await self.observe(ctx)
 
     async def _running_users(self, ctx: RunContext, path: str) -> list[str]:

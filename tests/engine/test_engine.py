@@ -89,7 +89,7 @@ class Toy(Resource[str]):
             return self.change(Action.UPDATE, [FieldDiff("value", observed, self.node.value)])
         return self.noop(f"value is {observed}")
 
-    async def apply(self, change: Change, ctx: RunContext) -> str | None:
+    async def apply(self, change: Change, observed: str | None, ctx: RunContext) -> str | None:
         w = self.world
         host = self.node.host
         w.running_per_host[host] = w.running_per_host.get(host, 0) + 1
@@ -351,9 +351,11 @@ def test_a_failed_node_is_not_retried_in_later_rounds() -> None:
     attempts: list[str] = []
     original = Toy.apply
 
-    async def counting(self: Toy, change: Change, ctx: RunContext) -> str | None:
+    async def counting(
+        self: Toy, change: Change, observed: str | None, ctx: RunContext
+    ) -> str | None:
         attempts.append(self.name)
-        return await original(self, change, ctx)
+        return await original(self, change, observed, ctx)
 
     Toy.apply = counting  # type: ignore[method-assign]
     try:
