@@ -32,7 +32,6 @@ from kvmstate.graph import ResourceGraph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
 from kvmstate.resources.base import Resource, RunContext
-from kvmstate.transport import prereq
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,36 +168,22 @@ class Engine:
 
     def _read_hosts(
         self, order: list[ResourceId]
-    ) -> tuple[dict[str, asyncio.Task[tuple[prereq.Missing, ...]]], list[asyncio.Task[None]]]:
-        """Start one batched read per host (every resource's facts, plus what the host lacks
-        of the commands and devices they need), all hosts in parallel, with the libvirt
-        connections opening beside them. Each host's task ends with what that host lacks, so
-        a resource is observed as soon as ITS hosts are read: a slow host holds up only its
-        own resources. Returns (host -> read task, libvirt connection tasks)."""
+    ) -> tuple[dict[str, asyncio.Task[None]], list[asyncio.Task[None]]]:
+        """Start one batched read per host (everything every resource reads there: its facts
+        and its prerequisite probes), all hosts in parallel, with the libvirt connections
+        opening beside them. A resource is observed as soon as ITS hosts are read: a slow
+        host holds up only its own resources. Returns (host -> read task, libvirt tasks)."""
         by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
         for rid in order:
-            for host, fact in self.graph[rid].facts():
+            for host, fact in self.graph[rid].reads():
                 by_host[host].append(fact)
-        checks = {
-            h: prereq.host_fact(self.ctx.spec, h)
-            for h in self._hosts_of(order, lambda r: bool(r.requirements()))
-        }
-        for h, fact in checks.items():
-            by_host[h].append(fact)
 
-        async def read(host: str, facts: list[Fact[Any]]) -> tuple[prereq.Missing, ...]:
+        async def read(host: str, facts: list[Fact[Any]]) -> None:
             self.ctx.emit({"event": "observe-host", "host": host})
             try:
                 await self._retry(f"facts on {host}", lambda: self.ctx.facts(host).prefetch(facts))
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
                 log.debug("prefetch on %s failed: %s", host, exc)
-            if host not in checks:
-                return ()
-            try:
-                return await self.ctx.facts(host).get(checks[host])
-            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
-                log.debug("prerequisites of %s unknown: %s", host, exc)
-                return ()
 
         reads = {h: asyncio.ensure_future(read(h, fs)) for h, fs in by_host.items()}
         warming = [asyncio.ensure_future(self._open_libvirt(h)) for h in self._libvirt_hosts(order)]
@@ -219,18 +204,19 @@ class Engine:
         self,
         order: list[ResourceId],
         started: float,
-        reads: dict[str, asyncio.Task[tuple[prereq.Missing, ...]]],
+        reads: dict[str, asyncio.Task[None]],
     ) -> Plan:
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}
 
         async def observe(rid: ResourceId) -> Change | None:
             r = self.graph[rid]
-            needs = r.requirements()
-            lacking = [m for h in r.hosts() if h in reads for m in await reads[h]]
-            missing = [m for m in lacking if m.need in needs]
-            if missing:
-                errors[rid] = "; ".join(self._lacks(m) for m in missing)
+            for h in sorted({*r.hosts(), *(h for h, _ in r.reads())}):
+                if h in reads:
+                    await reads[h]
+            lacking = await r.preconditions(self.ctx)
+            if lacking:
+                errors[rid] = "; ".join(lacking)
                 return None
             async with sem:
                 try:
@@ -248,12 +234,6 @@ class Engine:
         return Plan(
             changes, errors, tuple(order), time.monotonic() - started, self._deferred(changes)
         )
-
-    def _lacks(self, m: prereq.Missing) -> str:
-        host = self.ctx.spec.hosts.get(m.host)
-        if host is not None and m.package and m.package in host.packages:
-            return f"{m}; packages:{m.host} installs it first, then this is observed again"
-        return str(m)
 
     def _arrange(self, changes: tuple[Change, ...]) -> tuple[Change, ...]:
         """Each kind looks at its planned changes together (``Resource.arrange``): placement

@@ -3,6 +3,7 @@ volume -> domain -> placement (each host's packages come before everything on th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvmstate.resources.base import Resource
@@ -26,8 +27,22 @@ KINDS: tuple[type[Resource[Any]], ...] = (
     PlacementResource,
 )
 
+#: Each kind's own requirement names (what ``KINDS`` declare).
+KIND_NEEDS: dict[str, frozenset[str]] = {
+    k.kind: frozenset(r.name for r in k.requires) for k in KINDS
+}
+
+
+def needs_for_host(spec: Any, host: str, kinds: Sequence[type[Resource[Any]]] = KINDS) -> set[str]:
+    """The requirement names ``host`` needs for the resources the spec puts on it. Pure."""
+    return {
+        req.name for kind in kinds for r in kind.expand(spec) for req in r.needs().get(host, ())
+    }
+
+
 __all__ = [
     "KINDS",
+    "KIND_NEEDS",
     "DomainResource",
     "ExportResource",
     "MountResource",
@@ -36,4 +51,5 @@ __all__ = [
     "PoolResource",
     "SubvolumeResource",
     "VolumeResource",
+    "needs_for_host",
 ]

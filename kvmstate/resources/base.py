@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 from kvmstate.facts import Fact, FactCache
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources.prereq import Missing, Requirement, probe_fact
 from kvmstate.spec import Spec
 from kvmstate.transport.base import Libvirt, Shell, Transports
-from kvmstate.transport.prereq import needs_of
 
 ObsT = TypeVar("ObsT")
 T = TypeVar("T")
@@ -118,6 +118,8 @@ class Resource(ABC, Generic[ObsT]):
     """One managed thing on one host (or, for domains, on whichever host has it)."""
 
     kind: ClassVar[str]
+    # what it needs on each of its hosts (commands, devices, daemons), with their packages
+    requires: ClassVar[tuple[Requirement, ...]] = ()
     # observe talks to libvirt on hosts(): the engine opens those connections early, beside
     # the batched fact reads, so the libvirt handshake is off the critical path
     uses_libvirt: ClassVar[bool] = False
@@ -149,10 +151,43 @@ class Resource(ABC, Generic[ObsT]):
         """Hosts this resource reads or changes (for per-host concurrency limits)."""
         return (self.host,) if self.host else ()
 
-    def requirements(self) -> frozenset[str]:
-        """What it needs on each of ``hosts()`` (names in ``transport.prereq.REQUIREMENTS``);
-        the engine checks them in the plan's batched read and names what is missing."""
-        return needs_of(self.kind)
+    def needs(self) -> dict[str, frozenset[Requirement]]:
+        """What it needs, host by host: by default the kind's ``requires`` on each of its
+        ``hosts()``; a kind overrides this when one resource needs more or less somewhere (a
+        domain needs QEMU only where it may run, /dev/kvm only for type kvm)."""
+        return {h: frozenset(self.requires) for h in self.hosts()}
+
+    def _probes(self) -> list[tuple[str, Fact[tuple[Missing, ...]]]]:
+        out = []
+        for h, reqs in self.needs().items():
+            probe = [r for r in reqs if r.kind != "daemon"]
+            if probe:
+                out.append((h, probe_fact(h, probe)))
+        return out
+
+    def reads(self) -> list[tuple[str, Fact[Any]]]:
+        """Everything the plan reads for this resource, batched per host by the engine: its
+        ``facts()`` and the probe of what it needs on each host."""
+        return [*self.facts(), *self._probes()]
+
+    async def preconditions(self, ctx: RunContext) -> list[str]:
+        """What its hosts lack of what it needs, each said with the fix (read from the
+        batched probe; a failing probe is left to observe, which meets the host again)."""
+        out = []
+        for h, probe in self._probes():
+            try:
+                lacking = await ctx.facts(h).get(probe)
+            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
+                self.log.debug("prerequisites of %s unknown: %s", h, exc)
+                continue
+            out += [self._lacks(ctx, m) for m in lacking]
+        return out
+
+    def _lacks(self, ctx: RunContext, m: Missing) -> str:
+        host = ctx.spec.hosts.get(m.host)
+        if host is not None and m.package and m.package in host.packages:
+            return f"{m}; packages:{m.host} installs it first, then this is observed again"
+        return str(m)
 
     @classmethod
     def arrange(cls, changes: tuple[Change, ...]) -> tuple[Change, ...]:

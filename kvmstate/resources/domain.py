@@ -21,10 +21,10 @@ from kvmstate import virt
 from kvmstate.errors import KvmstateError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff
+from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Domain, Spec
-from kvmstate.transport.prereq import needs_of
 from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
 
 
@@ -110,6 +110,7 @@ def _plain(v: object) -> object:
 
 class DomainResource(Resource[DomainObs]):
     kind = "domain"
+    requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_SYSTEM)
     uses_libvirt = True
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
@@ -128,8 +129,12 @@ class DomainResource(Resource[DomainObs]):
     def hosts(self) -> tuple[str, ...]:
         return tuple(domain_hosts(self.spec, self.name))
 
-    def requirements(self) -> frozenset[str]:
-        return needs_of(self.kind, self.d.type)
+    def needs(self) -> dict[str, frozenset[prereq.Requirement]]:
+        # libvirt on every host it may be found on; QEMU (and /dev/kvm) where it may run
+        run = {*self.requires, *([prereq.KVM_DEVICE] if self.d.type == "kvm" else [])}
+        looks = {prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD}
+        allowed = set(self.d.allowed_hosts())
+        return {h: frozenset(run if h in allowed else looks) for h in self.hosts()}
 
     def depends_on(self) -> frozenset[ResourceId]:
         deps = set()

@@ -21,6 +21,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Export, Spec
@@ -49,6 +50,7 @@ def _show(clients: Clients | None) -> str | None:
 
 class ExportResource(Resource[ExportState]):
     kind = "export"
+    requires = (prereq.EXPORTFS,)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)

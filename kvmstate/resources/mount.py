@@ -17,6 +17,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import (
     describe_fstab,
@@ -42,6 +43,7 @@ def version_matches(want: str, live: str) -> bool:
 
 class MountResource(Resource[MountState]):
     kind = "mount"
+    requires = (prereq.MOUNT, prereq.MOUNT_NFS)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)

@@ -18,6 +18,7 @@ from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff, mkdir_p
 from kvmstate.spec import Pool, Spec
@@ -34,6 +35,7 @@ class PoolObs:
 
 class PoolResource(Resource[PoolObs]):
     kind = "pool"
+    requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD)
     uses_libvirt = True
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

@@ -18,6 +18,7 @@ from kvmstate import hostfacts
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import (
     VISIBLE_OPTIONS,
@@ -44,6 +45,7 @@ class SubvolumeState:
 
 class SubvolumeResource(Resource[SubvolumeState]):
     kind = "subvolume"
+    requires = (prereq.BTRFS, prereq.MOUNT)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)

@@ -17,6 +17,7 @@ from kvmstate import hostfacts, virt
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Spec, Volume
@@ -37,6 +38,7 @@ class VolumeObs:
 
 class VolumeResource(Resource[VolumeObs]):
     kind = "volume"
+    requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_IMG)
     uses_libvirt = True
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
@@ -52,6 +54,9 @@ class VolumeResource(Resource[VolumeObs]):
     @property
     def absent(self) -> bool:
         return self.v.state == "absent"
+
+    def needs(self) -> dict[str, frozenset[prereq.Requirement]]:
+        return {h: frozenset(self.requires) for h in self.pool_hosts}  # every host of its pool
 
     def depends_on(self) -> frozenset[ResourceId]:
         return frozenset({ResourceId("pool", self.v.pool, self.h)})

@@ -29,8 +29,8 @@ import libvirt
 
 from kvmstate import virt, virtxml
 from kvmstate.errors import HostUnreachable, TransportError
+from kvmstate.resources import prereq
 from kvmstate.spec import Spec
-from kvmstate.transport import prereq
 from kvmstate.transport.base import CommandResult
 from kvmstate.transport.fake_cmds import (
     Fail,

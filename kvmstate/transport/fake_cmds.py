@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from kvmstate import hostfacts, nfsexports
 from kvmstate.errors import KvmstateError
-from kvmstate.transport import prereq
+from kvmstate.resources import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 
 if TYPE_CHECKING:

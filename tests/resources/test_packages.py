@@ -13,8 +13,8 @@ from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Status
 from kvmstate.resources import KINDS
+from kvmstate.resources import packages as prereq
 from kvmstate.resources.base import Options, RunContext
-from kvmstate.transport import prereq
 from kvmstate.transport.base import CommandResult
 from kvmstate.transport.fake import FakeCluster
 
