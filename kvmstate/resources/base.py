@@ -118,6 +118,8 @@ class Resource(ABC, Generic[ObsT]):
     """One managed thing on one host (or, for domains, on whichever host has it)."""
 
     kind: ClassVar[str]
+    # the spec section its entries come from (for error locations, docs, import)
+    section: ClassVar[str]
     # what it needs on each of its hosts (commands, devices, daemons), with their packages
     requires: ClassVar[tuple[Requirement, ...]] = ()
     # observe talks to libvirt on hosts(): the engine opens those connections early, beside
@@ -141,6 +143,14 @@ class Resource(ABC, Generic[ObsT]):
 
     def depends_on(self) -> frozenset[ResourceId]:
         return frozenset()
+
+    @classmethod
+    def edges(
+        cls, resources: Mapping[ResourceId, Resource[Any]]
+    ) -> Iterable[tuple[ResourceId, ResourceId]]:
+        """Edges (dependency, dependent) this kind draws over the whole graph, beyond each
+        resource's ``depends_on``: for what no single dependent can name. Default: none."""
+        return ()
 
     @property
     def absent(self) -> bool:

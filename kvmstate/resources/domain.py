@@ -110,6 +110,7 @@ def _plain(v: object) -> object:
 
 class DomainResource(Resource[DomainObs]):
     kind = "domain"
+    section = "domains"
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_SYSTEM)
     uses_libvirt = True
 

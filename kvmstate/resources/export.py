@@ -50,6 +50,7 @@ def _show(clients: Clients | None) -> str | None:
 
 class ExportResource(Resource[ExportState]):
     kind = "export"
+    section = "exports"
     requires = (prereq.EXPORTFS,)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

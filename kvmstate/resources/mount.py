@@ -43,6 +43,7 @@ def version_matches(want: str, live: str) -> bool:
 
 class MountResource(Resource[MountState]):
     kind = "mount"
+    section = "mounts"
     requires = (prereq.MOUNT, prereq.MOUNT_NFS)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvmstate.errors import ParseError
 from kvmstate.facts import Fact
+from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change
 from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
@@ -41,6 +43,7 @@ class PackagesState:
 
 class PackagesResource(Resource[PackagesState]):
     kind = "packages"
+    section = "hosts"
     requires = (prereq.APT_GET,)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
@@ -51,6 +54,20 @@ class PackagesResource(Resource[PackagesState]):
     @classmethod
     def expand(cls, spec: Spec) -> Iterable[PackagesResource]:
         return [cls(spec, h, h) for h, host in spec.hosts.items() if host.packages]
+
+    @classmethod
+    def edges(
+        cls, resources: Mapping[ResourceId, Resource[Any]]
+    ) -> Iterable[tuple[ResourceId, ResourceId]]:
+        # everything on a host stands on that host's packages (what its kind needs may come
+        # from there: the engine observes it again once they are installed)
+        for rid, r in resources.items():
+            if isinstance(r, PackagesResource):
+                continue
+            for h in r.hosts():
+                pkgs = ResourceId(cls.kind, h, h)
+                if pkgs in resources:
+                    yield pkgs, rid
 
     def facts(self) -> Iterable[tuple[str, Fact[frozenset[str]]]]:
         return [(self.name, self._fact)]

@@ -74,6 +74,7 @@ class PlacementObs:
 
 class PlacementResource(Resource[PlacementObs]):
     kind = "placement"
+    section = "domains"
     uses_libvirt = True
     poll_interval = 0.5
 

@@ -35,6 +35,7 @@ class PoolObs:
 
 class PoolResource(Resource[PoolObs]):
     kind = "pool"
+    section = "pools"
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD)
     uses_libvirt = True
 

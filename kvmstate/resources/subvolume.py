@@ -45,6 +45,7 @@ class SubvolumeState:
 
 class SubvolumeResource(Resource[SubvolumeState]):
     kind = "subvolume"
+    section = "subvolumes"
     requires = (prereq.BTRFS, prereq.MOUNT)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

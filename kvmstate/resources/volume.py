@@ -38,6 +38,7 @@ class VolumeObs:
 
 class VolumeResource(Resource[VolumeObs]):
     kind = "volume"
+    section = "volumes"
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_IMG)
     uses_libvirt = True
 

@@ -47,6 +47,7 @@ class World:
 
 class Toy(Resource[str]):
     kind = "toy"
+    section = "nodes"
 
     def __init__(self, spec: World, name: str) -> None:
         self.world = spec
