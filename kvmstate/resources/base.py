@@ -19,6 +19,9 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pydantic import BaseModel
+
+from kvmstate.checks import Finding
 from kvmstate.facts import Fact, FactCache
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
@@ -30,6 +33,15 @@ ObsT = TypeVar("ObsT")
 T = TypeVar("T")
 
 Event = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DocSection:
+    """One block of the spec reference: where it sits in a spec, its model, a sentence."""
+
+    where: str
+    model: type[BaseModel]
+    text: str
 
 
 @dataclass
@@ -118,8 +130,14 @@ class Resource(ABC, Generic[ObsT]):
     """One managed thing on one host (or, for domains, on whichever host has it)."""
 
     kind: ClassVar[str]
-    # the spec section its entries come from (for error locations, docs, import)
+    # the spec section its entries come from (for error locations, docs, import), and the
+    # model of one entry when this kind owns the section (None: it shares another kind's,
+    # as placement shares ``domains``). A section the Spec model lacks is added by the
+    # registry (``Registry.spec_model``).
     section: ClassVar[str]
+    section_model: ClassVar[type[BaseModel] | None] = None
+    # its reference docs: (where in the spec, model, one line)
+    docs: ClassVar[tuple[DocSection, ...]] = ()
     # what it needs on each of its hosts (commands, devices, daemons), with their packages
     requires: ClassVar[tuple[Requirement, ...]] = ()
     # observe talks to libvirt on hosts(): the engine opens those connections early, beside
@@ -143,6 +161,12 @@ class Resource(ABC, Generic[ObsT]):
 
     def depends_on(self) -> frozenset[ResourceId]:
         return frozenset()
+
+    @classmethod
+    def check(cls, spec: Any) -> Iterable[Finding]:
+        """Cross-reference checks of this kind's section, beyond its model's own validation:
+        (location, message, "error" | "warning"). Default: none."""
+        return ()
 
     @classmethod
     def edges(

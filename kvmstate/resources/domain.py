@@ -17,12 +17,13 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
+from kvmstate import spec as spec_models
 from kvmstate import virt
 from kvmstate.errors import KvmstateError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff
 from kvmstate.resources import prereq
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Domain, Spec
 from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
@@ -111,6 +112,34 @@ def _plain(v: object) -> object:
 class DomainResource(Resource[DomainObs]):
     kind = "domain"
     section = "domains"
+    section_model = spec_models.Domain
+    docs = (
+        DocSection(
+            "domains.NAME",
+            spec_models.Domain,
+            "A libvirt domain (VM) and its placement.",
+        ),
+        DocSection(
+            "domains.NAME.boot",
+            spec_models.Boot,
+            "Firmware boot, or direct kernel boot.",
+        ),
+        DocSection(
+            "domains.NAME.disks[]",
+            spec_models.Disk,
+            "A disk backed by a volume.",
+        ),
+        DocSection(
+            "domains.NAME.interfaces[]",
+            spec_models.Interface,
+            "A network interface on a bridge or network.",
+        ),
+        DocSection(
+            "domains.NAME.serial",
+            spec_models.Serial,
+            "The serial console (`pty` or `file`).",
+        ),
+    )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_SYSTEM)
     uses_libvirt = True
 

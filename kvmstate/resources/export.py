@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts, nfsexports
+from kvmstate import spec as spec_models
 from kvmstate.checks import covering_subvolume
 from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Export, Spec
 from kvmstate.transport.base import read_file, write_file
@@ -51,6 +52,19 @@ def _show(clients: Clients | None) -> str | None:
 class ExportResource(Resource[ExportState]):
     kind = "export"
     section = "exports"
+    section_model = spec_models.Export
+    docs = (
+        DocSection(
+            "exports.NAME",
+            spec_models.Export,
+            "An NFS export in /etc/exports, active in the live table.",
+        ),
+        DocSection(
+            "exports.NAME.clients[]",
+            spec_models.ExportClient,
+            "Who may mount the export, with which options.",
+        ),
+    )
     requires = (prereq.EXPORTFS,)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

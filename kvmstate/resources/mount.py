@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import (
     describe_fstab,
     diff,
@@ -44,6 +45,14 @@ def version_matches(want: str, live: str) -> bool:
 class MountResource(Resource[MountState]):
     kind = "mount"
     section = "mounts"
+    section_model = spec_models.Mount
+    docs = (
+        DocSection(
+            "mounts.NAME",
+            spec_models.Mount,
+            "An NFS mount of an export on each listed host (fstab + live).",
+        ),
+    )
     requires = (prereq.MOUNT, prereq.MOUNT_NFS)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.checks import covering_mount
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Check
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.domain import domain_hosts, locate
 from kvmstate.spec import Domain, MigrationPolicy, Spec
@@ -75,6 +76,23 @@ class PlacementObs:
 class PlacementResource(Resource[PlacementObs]):
     kind = "placement"
     section = "domains"
+    docs = (
+        DocSection(
+            "domains.NAME.placement",
+            spec_models.Placement,
+            "Where the domain may run, and the policy.",
+        ),
+        DocSection(
+            "migration / domains.NAME.migration",
+            spec_models.MigrationPolicy,
+            "Live-migration policy.",
+        ),
+        DocSection(
+            "...downtime_steps[]",
+            spec_models.DowntimeStep,
+            "One step of the downtime escalation schedule.",
+        ),
+    )
     uses_libvirt = True
     poll_interval = 0.5
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.checks import covering_mount
 from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff, mkdir_p
 from kvmstate.spec import Pool, Spec
 
@@ -36,6 +37,14 @@ class PoolObs:
 class PoolResource(Resource[PoolObs]):
     kind = "pool"
     section = "pools"
+    section_model = spec_models.Pool
+    docs = (
+        DocSection(
+            "pools.NAME",
+            spec_models.Pool,
+            "A libvirt storage pool on each listed host.",
+        ),
+    )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD)
     uses_libvirt = True
 

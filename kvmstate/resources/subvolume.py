@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts
+from kvmstate import spec as spec_models
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import (
     VISIBLE_OPTIONS,
     describe_fstab,
@@ -46,6 +47,14 @@ class SubvolumeState:
 class SubvolumeResource(Resource[SubvolumeState]):
     kind = "subvolume"
     section = "subvolumes"
+    section_model = spec_models.Subvolume
+    docs = (
+        DocSection(
+            "subvolumes.NAME",
+            spec_models.Subvolume,
+            "A btrfs subvolume, mounted and kept in /etc/fstab.",
+        ),
+    )
     requires = (prereq.BTRFS, prereq.MOUNT)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

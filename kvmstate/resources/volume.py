@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.spec import Spec, Volume
 from kvmstate.units import format_size
@@ -39,6 +40,14 @@ class VolumeObs:
 class VolumeResource(Resource[VolumeObs]):
     kind = "volume"
     section = "volumes"
+    section_model = spec_models.Volume
+    docs = (
+        DocSection(
+            "volumes.NAME",
+            spec_models.Volume,
+            "A disk image in a pool; NAME is its file name.",
+        ),
+    )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_IMG)
     uses_libvirt = True
 
