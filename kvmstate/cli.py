@@ -210,7 +210,7 @@ def _load(path: str) -> Any:
 
 
 def _graph(loaded: Any) -> Any:
-    from kvmstate.graph import build_graph
+    from kvmstate.engine.graph import build_graph
     from kvmstate.resources import KINDS
 
     return build_graph(loaded.spec, KINDS, path=loaded.path, lines=loaded.lines)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kvmstate.errors import Problem, SpecError
+from kvmstate.errors import Problem, SpecError, line_of
 from kvmstate.spec import Spec
 
 if TYPE_CHECKING:
@@ -32,14 +32,6 @@ class LoadedSpec:
 
     def line_of(self, loc: Loc) -> int | None:
         return line_of(self.lines, loc)
-
-
-def line_of(lines: dict[Loc, int], loc: Loc) -> int | None:
-    """Line of the deepest known prefix of ``loc``."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
 
 
 class _YamlProblem(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import Field, create_model
 
 from kvmstate.checks import Finding
-from kvmstate.graph import ResourceGraph, build_graph
+from kvmstate.engine.graph import ResourceGraph, build_graph
 from kvmstate.loader import LoadedSpec, load_spec, parse_spec_text
 from kvmstate.resources.base import DocSection, Resource
 from kvmstate.spec import Host, MigrationLimits, Name, Spec, SSHDefaults, SSHOverrides

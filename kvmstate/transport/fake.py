@@ -312,6 +312,9 @@ class FakeCluster:
     def round_trips(self) -> dict[str, int]:
         return {n: h.round_trips for n, h in self.hosts.items()}
 
+    async def connect_all(self) -> None:
+        """Nothing to open: fake hosts are in memory."""
+
     async def close(self) -> None:
         for h in self.hosts.values():
             if h._conn is not None:

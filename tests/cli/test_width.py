@@ -19,8 +19,8 @@ from resources.fakelab import LAB_SPEC
 from rich.cells import cell_len
 
 from kvmstate import cli, render
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import Problem
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status

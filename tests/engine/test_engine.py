@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from kvmstate.engine import Engine, EngineConfig
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import SpecError, TemporaryError
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff, Status
 from kvmstate.resources.base import Options, Resource, RunContext

@@ -11,8 +11,8 @@ from typing import Any
 import networkx as nx
 
 from kvmstate.engine import Blocked, Engine
+from kvmstate.engine.graph import ResourceGraph
 from kvmstate.errors import RefusedError
-from kvmstate.graph import ResourceGraph
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Change
 from kvmstate.resources import KINDS

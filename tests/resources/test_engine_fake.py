@@ -9,7 +9,7 @@ from fakelab import LAB_SPEC, make_spec, prepare, run
 
 from kvmstate import virt
 from kvmstate.engine import Engine
-from kvmstate.graph import build_graph
+from kvmstate.engine.graph import build_graph
 from kvmstate.model import Plan
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Event, Options, RunContext

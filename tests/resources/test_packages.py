@@ -8,8 +8,8 @@ import pytest
 from fakelab import LAB_SPEC, make_spec, prepare, run
 
 from kvmstate.engine import Engine
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import ParseError
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Status
 from kvmstate.resources import KINDS

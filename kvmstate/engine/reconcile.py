@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvmstate.engine.contract import Context, Node
+from kvmstate.engine.graph import ResourceGraph
 from kvmstate.errors import (
     ConflictError,
     HostUnreachable,
@@ -27,11 +29,8 @@ from kvmstate.errors import (
     TemporaryError,
     TransportError,
 )
-from kvmstate.facts import Fact
-from kvmstate.graph import ResourceGraph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
-from kvmstate.resources.base import Resource, RunContext
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,7 +79,7 @@ def nx_ancestors(graph: ResourceGraph, rid: ResourceId) -> set[ResourceId]:
 
 
 class Engine:
-    def __init__(self, graph: ResourceGraph, ctx: RunContext, config: EngineConfig | None = None):
+    def __init__(self, graph: ResourceGraph, ctx: Context, config: EngineConfig | None = None):
         self.graph = graph
         self.ctx = ctx
         self.config = config or EngineConfig()
@@ -101,7 +100,7 @@ class Engine:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _sems(self, r: Resource[Any]) -> list[asyncio.Semaphore]:
+    def _sems(self, r: Node) -> list[asyncio.Semaphore]:
         out = []
         for h in sorted(set(r.hosts())):
             sem = self._host_sems.get(h)
@@ -138,9 +137,8 @@ class Engine:
         connection, and the libvirt connection of every host with a libvirt resource, all in
         parallel. ``apply`` runs this while it takes the cluster lock. Failures are left to
         the plan, which meets them again and reports them."""
-        connect_all = getattr(self.ctx.transports, "connect_all", None)
         results = await asyncio.gather(
-            *([connect_all()] if connect_all is not None else []),
+            self.ctx.transports.connect_all(),
             *map(self._open_libvirt, self._libvirt_hosts(self.graph.order())),
             return_exceptions=True,
         )
@@ -159,9 +157,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
             log.debug("libvirt on %s: %s", host, exc)
 
-    def _hosts_of(
-        self, order: list[ResourceId], pred: Callable[[Resource[Any]], bool]
-    ) -> list[str]:
+    def _hosts_of(self, order: list[ResourceId], pred: Callable[[Node], bool]) -> list[str]:
         return sorted(
             {h for rid in order if pred(self.graph[rid]) for h in self.graph[rid].hosts()}
         )
@@ -173,12 +169,12 @@ class Engine:
         and its prerequisite probes), all hosts in parallel, with the libvirt connections
         opening beside them. A resource is observed as soon as ITS hosts are read: a slow
         host holds up only its own resources. Returns (host -> read task, libvirt tasks)."""
-        by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
+        by_host: dict[str, list[Any]] = defaultdict(list)
         for rid in order:
             for host, fact in self.graph[rid].reads():
                 by_host[host].append(fact)
 
-        async def read(host: str, facts: list[Fact[Any]]) -> None:
+        async def read(host: str, facts: list[Any]) -> None:
             self.ctx.emit({"event": "observe-host", "host": host})
             try:
                 await self._retry(f"facts on {host}", lambda: self.ctx.facts(host).prefetch(facts))
@@ -239,7 +235,7 @@ class Engine:
         """Each kind looks at its planned changes together (``Resource.arrange``): placement
         orders migrations so that no host's memory is overcommitted on the way."""
         out = list(changes)
-        by_kind: dict[type[Resource[Any]], list[int]] = defaultdict(list)
+        by_kind: dict[type[Node], list[int]] = defaultdict(list)
         for i, c in enumerate(out):
             by_kind[type(self.graph[c.id])].append(i)
         for kind, idx in by_kind.items():
@@ -414,7 +410,7 @@ class Engine:
         self.ctx.emit({"event": "apply-done", "id": str(rid), "action": planned.action.value})
         return Outcome(rid, Status.CHANGED, change, elapsed=time.monotonic() - started)
 
-    async def mutate(self, r: Resource[Any], planned: Change) -> Change | None:
+    async def mutate(self, r: Node, planned: Change) -> Change | None:
         """The apply of one node, with no walking around it: re-check right before mutating
         (refusing if the world moved away from ``planned``; ``Blocked`` if it is blocked
         now), apply from that observation, and fail unless apply's result diffs as NOOP.
@@ -434,7 +430,7 @@ class Engine:
             raise KvmstateError(f"{r.id}: still not converged after apply ({fields})")
         return change
 
-    async def _recheck(self, r: Resource[Any], planned: Change) -> tuple[Change, Any] | None:
+    async def _recheck(self, r: Node, planned: Change) -> tuple[Change, Any] | None:
         """Re-observe right before mutating: (the change to make now, the observation apply
         starts from). None = nothing left to do."""
         for h in r.hosts():

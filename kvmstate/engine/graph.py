@@ -14,20 +14,20 @@ from typing import Any
 
 import networkx as nx
 
-from kvmstate.errors import Problem, SpecError
+from kvmstate.engine.contract import Node, NodeKind
+from kvmstate.errors import Problem, SpecError, line_of
 from kvmstate.ids import ResourceId
-from kvmstate.resources.base import Resource
 
 
 class ResourceGraph:
-    def __init__(self, graph: Any, resources: dict[ResourceId, Resource[Any]]) -> None:
+    def __init__(self, graph: Any, resources: dict[ResourceId, Node]) -> None:
         self.g = graph
         self.resources = resources
 
     def __len__(self) -> int:
         return len(self.resources)
 
-    def __getitem__(self, rid: ResourceId) -> Resource[Any]:
+    def __getitem__(self, rid: ResourceId) -> Node:
         return self.resources[rid]
 
     def order(self) -> list[ResourceId]:
@@ -77,18 +77,18 @@ class ResourceGraph:
         return "\n".join(lines) + "\n"
 
 
-def _problem(path: str, r: Resource[Any], message: str) -> Problem:
+def _problem(path: str, r: Node, message: str) -> Problem:
     return Problem(path, None, (r.section, r.name), message)
 
 
 def build_graph(
     spec: Any,
-    kinds: Sequence[type[Resource[Any]]],
+    kinds: Sequence[NodeKind],
     *,
     path: str = "<spec>",
     lines: dict[tuple[str | int, ...], int] | None = None,
 ) -> ResourceGraph:
-    resources: dict[ResourceId, Resource[Any]] = {}
+    resources: dict[ResourceId, Node] = {}
     problems: list[Problem] = []
     for kind in kinds:
         for r in kind.expand(spec):
@@ -127,8 +127,6 @@ def build_graph(
             problems.append(_problem(path, resources[cycle[0][0]], f"dependency cycle: {chain}"))
     if problems:
         if lines:
-            from kvmstate.loader import line_of
-
             problems = [Problem(p.file, line_of(lines, p.loc), p.loc, p.message) for p in problems]
         raise SpecError(problems)
     return ResourceGraph(g, resources)
