@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -25,6 +25,7 @@ from kvmstate.checks import Finding
 from kvmstate.facts import Fact, FactCache
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources.imports import Existing, Imported, Inventory
 from kvmstate.resources.prereq import Missing, Requirement, probe_fact
 from kvmstate.spec import Spec
 from kvmstate.transport.base import Libvirt, Shell, Transports
@@ -138,6 +139,8 @@ class Resource(ABC, Generic[ObsT]):
     section_model: ClassVar[type[BaseModel] | None] = None
     # its reference docs: (where in the spec, model, one line)
     docs: ClassVar[tuple[DocSection, ...]] = ()
+    # why ``kvmstate import`` cannot bring this kind in; None when ``import_into`` does
+    cannot_import: ClassVar[str | None] = None
     # what it needs on each of its hosts (commands, devices, daemons), with their packages
     requires: ClassVar[tuple[Requirement, ...]] = ()
     # observe talks to libvirt on hosts(): the engine opens those connections early, beside
@@ -161,6 +164,14 @@ class Resource(ABC, Generic[ObsT]):
 
     def depends_on(self) -> frozenset[ResourceId]:
         return frozenset()
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        """``kvmstate import``: add to ``out.data[cls.section]`` an entry for each thing of
+        this kind the hosts have (in the shapes ``diff`` compares, so that a plan of the
+        result shows no change), or a note naming what was left out and why; never a
+        guess. A kind that cannot be imported sets ``cannot_import`` instead."""
+        raise NotImplementedError(f"{cls.kind}: {cls.cannot_import or 'no import mapping'}")
 
     @classmethod
     def check(cls, spec: Any) -> Iterable[Finding]:

@@ -44,6 +44,10 @@ class PackagesState:
 class PackagesResource(Resource[PackagesState]):
     kind = "packages"
     section = "hosts"
+    cannot_import = (
+        "a host has hundreds of Debian packages, installed for many reasons: list the ones "
+        "kvmstate must keep installed under hosts.NAME.packages"
+    )
     requires = (prereq.APT_GET,)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:

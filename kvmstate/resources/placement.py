@@ -76,6 +76,7 @@ class PlacementObs:
 class PlacementResource(Resource[PlacementObs]):
     kind = "placement"
     section = "domains"
+    cannot_import = "imported with its domain: the host a domain is found on becomes its `host:`"
     docs = (
         DocSection(
             "domains.NAME.placement",

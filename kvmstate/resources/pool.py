@@ -8,7 +8,7 @@ of a pool whose volumes are in use by running domains is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,8 @@ from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff, mkdir_p
-from kvmstate.spec import Pool, Spec
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Pool, Spec, is_valid_name
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class PoolResource(Resource[PoolObs]):
     )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD)
     uses_libvirt = True
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_pools(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)
@@ -157,3 +162,38 @@ class PoolResource(Resource[PoolObs]):
         await lv.run(virt.refresh_pool, conn, self.name)
         ctx.invalidate(self.h)
         return await self.observe(ctx)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def import_pools(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    for inv in invs:
+        for p in inv.pools:
+            what = f"pool {p.name}"
+            if p.name in existing.names("pools"):
+                continue
+            if p.type != "dir":
+                out.skip(inv.host, what, f"type {p.type!r} (kvmstate manages dir pools)")
+                continue
+            if not is_valid_name(p.name):
+                out.skip(inv.host, what, "not a usable spec name")
+                continue
+            have = out.data["pools"].get(p.name)
+            if have is None:
+                out.data["pools"][p.name] = {
+                    "type": "dir",
+                    "path": p.path,
+                    "hosts": [inv.host],
+                    "autostart": p.autostart,
+                }
+            elif have["path"] != p.path or have["autostart"] != p.autostart:
+                out.skip(
+                    inv.host,
+                    what,
+                    f"differs from the same pool on {have['hosts'][0]} (path or autostart)",
+                )
+            else:
+                have["hosts"].append(inv.host)
+            if not p.active:
+                out.notes.append(f"{inv.host}: pool {p.name} is not active; apply will start it")

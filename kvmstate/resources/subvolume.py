@@ -10,7 +10,7 @@ looks under a temporary top-level mount (``-o subvolid=5``) before creating anyt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ from kvmstate.resources.common import (
     option_set,
     set_fstab_line,
 )
-from kvmstate.spec import Spec, Subvolume
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Spec, Subvolume, is_valid_name
 
 TMP_TOP = "/run/kvmstate/btrfs"
 
@@ -56,6 +57,10 @@ class SubvolumeResource(Resource[SubvolumeState]):
         ),
     )
     requires = (prereq.BTRFS, prereq.MOUNT)
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_subvolumes(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)
@@ -245,3 +250,38 @@ def _data_fact(path: str) -> Fact[bool | None]:
 
     argv = ("find", path, "-mindepth", "1", "-maxdepth", "1", "-print", "-quit")
     return Fact(f"has-data:{path}", argv, parse)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def import_subvolumes(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    declared = {(s.get("host", ""), n) for n, s in existing.section("subvolumes").items()}
+    for inv, e in ((i, e) for i in invs for e in i.fstab):
+        if e.fstype != "btrfs":
+            continue
+        sub = next((o.split("=", 1)[1] for o in e.options if o.startswith("subvol=")), None)
+        if sub is None:
+            continue  # a top-level mount: the filesystem itself, not a subvolume
+        name = sub.strip("/")
+        if (inv.host, name) in declared:
+            continue
+        if not is_valid_name(name) or name in out.data["subvolumes"]:
+            out.skip(inv.host, f"subvolume {sub!r} on {e.mountpoint}", "not a usable spec name")
+            continue
+        mounted = hostfacts.mounted_at(inv.mounts, e.mountpoint)
+        data: dict[str, Any] = {"host": inv.host, "device": e.source}
+        if mounted is not None and mounted.fstype == "btrfs":
+            top = next(
+                (
+                    m.mountpoint
+                    for m in inv.mounts
+                    if m.fstype == "btrfs" and m.source == mounted.source and m.root == "/"
+                ),
+                None,
+            )
+            if top is not None:
+                data["toplevel"] = top
+        data["mountpoint"] = e.mountpoint
+        data["mount_options"] = [o for o in e.options if not o.startswith(("subvol=", "subvolid="))]
+        out.data["subvolumes"][name] = data

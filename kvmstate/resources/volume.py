@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvmstate import hostfacts, virt
 from kvmstate import spec as spec_models
@@ -21,7 +22,8 @@ from kvmstate.model import Action, Change, FieldDiff
 from kvmstate.resources import prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
-from kvmstate.spec import Spec, Volume
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Spec, Volume, is_valid_name
 from kvmstate.units import format_size
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ class VolumeResource(Resource[VolumeObs]):
     )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_IMG)
     uses_libvirt = True
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_volumes(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         self.v: Volume = spec.volumes[name]
@@ -204,3 +210,36 @@ class VolumeResource(Resource[VolumeObs]):
                     self.log.info("%s: refreshed pool %s", h, self.v.pool)
             except KvmstateError as e:
                 self.log.warning("%s: could not refresh pool %s: %s", h, self.v.pool, e)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def import_volumes(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    for inv in invs:
+        for v in inv.volumes:
+            pool = out.data["pools"].get(v.pool)
+            if pool is None or v.name in existing.names("volumes"):
+                continue
+            what = f"volume {v.name} in pool {v.pool}"
+            have = out.data["volumes"].get(v.name)
+            if have is not None:
+                if have["pool"] != v.pool:
+                    out.skip(inv.host, what, f"the name is taken by pool {have['pool']}'s volume")
+                continue  # the same shared volume seen from another host of the pool
+            if inv.host != pool["hosts"][0]:
+                continue  # kvmstate reads a volume on its pool's first host
+            if not is_valid_name(v.name):
+                out.skip(inv.host, what, "not a usable spec name")
+                continue
+            if v.state.format not in ("qcow2", "raw") or v.state.capacity <= 0:
+                out.skip(inv.host, what, f"format {v.state.format!r} (qcow2 or raw only)")
+                continue
+            data: dict[str, Any] = {
+                "pool": v.pool,
+                "format": v.state.format,
+                "capacity": format_size(v.state.capacity),
+            }
+            if v.owner and v.group:
+                data |= {"owner": v.owner, "group": v.group}
+            out.data["volumes"][v.name] = data
