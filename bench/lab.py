@@ -144,7 +144,7 @@ def b2(first_apply: dict[str, Any] | None) -> dict[str, Any]:
 
 def minimal_job(spec_path: Path = LAB_SPEC) -> dict[str, Any]:
     """What a no-op plan reads, per host, taken from kvmstate's own graph (no I/O)."""
-    from kvmstate.graph import build_graph
+    from kvmstate.engine.graph import build_graph
     from kvmstate.loader import load_spec
     from kvmstate.resources import KINDS
 

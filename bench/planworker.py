@@ -77,7 +77,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     from kvmstate.engine import Engine
-    from kvmstate.graph import build_graph
+    from kvmstate.engine.graph import build_graph
     from kvmstate.loader import load_spec
     from kvmstate.resources import KINDS
     from kvmstate.resources.base import RunContext

@@ -214,7 +214,7 @@ def fill_table(h: SimHost) -> None:
 def answer(h: SimHost, argv: tuple[str, ...]) -> tuple[bytes, bytes, int]:
     if argv[:3] == ("sudo", "-n", "--"):
         argv = argv[3:]
-    from kvmstate.transport.prereq import CHECK_SCRIPT
+    from kvmstate.resources.prereq import CHECK_SCRIPT
 
     if argv[:4] == ("sh", "-c", CHECK_SCRIPT, "kvmstate-prereq"):
         return b"", b"", 0  # a converged host has every tool

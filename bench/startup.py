@@ -9,7 +9,7 @@ from typing import Any
 from bench.common import PY, median, row, timed_run
 
 KVMSTATE_IMPORTS = (
-    "import kvmstate.cli, kvmstate.cli.plan, kvmstate.loader, kvmstate.graph, "
+    "import kvmstate.cli, kvmstate.cli.plan, kvmstate.loader, kvmstate.engine.graph, "
     "kvmstate.resources, kvmstate.engine, kvmstate.transport.real"
 )
 MINIMAL_IMPORTS = "import asyncio, json, asyncssh, libvirt"

@@ -1,5 +1,5 @@
-"""W1: the generic walker (``kvmstate.walker``) against the engine's own walk (``Engine._walk``)
-on a ~2000-node graph shaped like a cluster, in memory (no host, no transport).
+"""W1: the generic walker (``kvmstate.engine.walker``) against the engine's own walk
+(``Engine._walk``) on a ~2000-node graph shaped like a cluster, in memory (no host, no transport).
 
 Each host has a chain packages -> subvolume -> export -> mount -> pool and volumes and domains
 on the pool; every host's mount also stands on the previous host's export. Three figures, the
@@ -26,11 +26,11 @@ from typing import Any
 
 from bench.common import median, row
 from kvmstate.engine import Engine, nx_ancestors
-from kvmstate.graph import ResourceGraph, build_graph
+from kvmstate.engine.graph import ResourceGraph, build_graph
+from kvmstate.engine.walker import Dag, walk
 from kvmstate.ids import ResourceId
 from kvmstate.model import Change, Outcome, Plan, Status
 from kvmstate.resources.base import Resource, RunContext
-from kvmstate.walker import Dag, walk
 
 HOSTS = 100
 PER_HOST = 20  # 5 in the chain, 15 volumes and domains: 2000 nodes in all

@@ -15,30 +15,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from kvmstate import spec as s
-
-SECTIONS: list[tuple[str, type[BaseModel], str]] = [
-    ("(top level)", s.Spec, "The whole file."),
-    ("ssh", s.SSHDefaults, "SSH defaults for every host; a host's `ssh:` overrides them."),
-    ("hosts.NAME", s.Host, "A machine kvmstate reaches over SSH."),
-    ("hosts.NAME.ssh", s.SSHOverrides, "Per-host SSH settings; unset fields inherit."),
-    ("hosts.NAME.migrations", s.MigrationLimits, "Concurrent live migrations per host."),
-    ("subvolumes.NAME", s.Subvolume, "A btrfs subvolume, mounted and kept in /etc/fstab."),
-    ("exports.NAME", s.Export, "An NFS export in /etc/exports, active in the live table."),
-    ("exports.NAME.clients[]", s.ExportClient, "Who may mount the export, with which options."),
-    ("mounts.NAME", s.Mount, "An NFS mount of an export on each listed host (fstab + live)."),
-    ("pools.NAME", s.Pool, "A libvirt storage pool on each listed host."),
-    ("volumes.NAME", s.Volume, "A disk image in a pool; NAME is its file name."),
-    ("domains.NAME", s.Domain, "A libvirt domain (VM) and its placement."),
-    ("domains.NAME.boot", s.Boot, "Firmware boot, or direct kernel boot."),
-    ("domains.NAME.disks[]", s.Disk, "A disk backed by a volume."),
-    ("domains.NAME.interfaces[]", s.Interface, "A network interface on a bridge or network."),
-    ("domains.NAME.serial", s.Serial, "The serial console (`pty` or `file`)."),
-    ("domains.NAME.placement", s.Placement, "Where the domain may run, and the policy."),
-    ("migration / domains.NAME.migration", s.MigrationPolicy, "Live-migration policy."),
-    ("...downtime_steps[]", s.DowntimeStep, "One step of the downtime escalation schedule."),
-]
-
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
@@ -98,7 +74,9 @@ def spec_reference() -> str:
         "Unknown fields are errors.",
         "",
     ]
-    for where, model, text in SECTIONS:
+    from kvmstate.resources import REGISTRY
+
+    for where, model, text in ((d.where, d.model, d.text) for d in REGISTRY.docs()):
         out += [f"## `{where}` — {model.__name__}", "", text, "", "| field | type | default | |"]
         out.append("|---|---|---|---|")
         for name, field in model.model_fields.items():
@@ -111,7 +89,9 @@ def spec_reference() -> str:
 
 
 def json_schema() -> str:
-    schema = s.Spec.model_json_schema()
+    from kvmstate.resources import REGISTRY
+
+    schema = REGISTRY.spec_model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "kvmstate spec"
     return json.dumps(schema, indent=2) + "\n"

@@ -100,3 +100,11 @@ class RefusedError(KvmstateError):
 
 class ConflictError(KvmstateError):
     """The world moved away from the plan between planning and applying."""
+
+
+def line_of(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
+    """Line of the deepest known prefix of ``loc`` in a spec's {location: line} map."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None

@@ -6,15 +6,19 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kvmstate.errors import Problem, SpecError
+from kvmstate.errors import Problem, SpecError, line_of
 from kvmstate.spec import Spec
+
+if TYPE_CHECKING:
+    from kvmstate.checks import Finding
 
 Loc = tuple[str | int, ...]
 
@@ -28,14 +32,6 @@ class LoadedSpec:
 
     def line_of(self, loc: Loc) -> int | None:
         return line_of(self.lines, loc)
-
-
-def line_of(lines: dict[Loc, int], loc: Loc) -> int | None:
-    """Line of the deepest known prefix of ``loc``."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
 
 
 class _YamlProblem(Exception):
@@ -137,9 +133,9 @@ def _unwrap(tp: Any) -> list[Any]:
     return [tp]
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
+def _model_at(loc: Loc, model: type[BaseModel] = Spec) -> type[BaseModel] | None:
     """The pydantic model class that holds the field at ``loc`` (for 'did you mean')."""
-    candidates: list[Any] = [Spec]
+    candidates: list[Any] = [model]
     for part in loc:
         nxt: list[Any] = []
         for tp in candidates:
@@ -161,11 +157,11 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
     return None
 
 
-def _message(err: Any) -> str:
+def _message(err: Any, spec_model: type[BaseModel] = Spec) -> str:
     kind = err["type"]
     loc = tuple(err["loc"])
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], spec_model)
         name = str(loc[-1])
         if model is not None:
             allowed = list(model.model_fields)
@@ -205,26 +201,45 @@ def _user_loc(raw: tuple[str | int, ...], data: Any) -> Loc:
 
 
 def problems_from_validation(
-    exc: ValidationError, path: str, lines: dict[Loc, int], data: Any = None
+    exc: ValidationError,
+    path: str,
+    lines: dict[Loc, int],
+    data: Any = None,
+    model: type[BaseModel] = Spec,
 ) -> list[Problem]:
     out = []
     for err in exc.errors():
         loc = _user_loc(tuple(err["loc"]), data)
-        out.append(Problem(path, line_of(lines, loc), loc, _message(err)))
+        out.append(Problem(path, line_of(lines, loc), loc, _message(err, model)))
     return out
 
 
-_SECTIONS = ("hosts", "subvolumes", "exports", "mounts", "pools", "volumes", "domains")
+Checks = Callable[[Any], Iterable["Finding"]]
+
+
+def sections_of(model: type[BaseModel]) -> tuple[str, ...]:
+    """The top-level fields of ``model`` that are maps of named entries (hosts, pools...)."""
+    return tuple(
+        name
+        for name, f in model.model_fields.items()
+        if any(get_origin(t) is dict for t in _unwrap(f.annotation))
+    )
 
 
 def _references_despite(
-    exc: ValidationError, data: dict[str, Any], path: str, lines: dict[Loc, int]
+    exc: ValidationError,
+    data: dict[str, Any],
+    path: str,
+    lines: dict[Loc, int],
+    model: type[Spec] = Spec,
+    checks: Checks | None = None,
 ) -> list[Problem]:
     """The reference errors of a spec that also has shape errors, so that one run reports
     both: the entries with shape errors are left out, the rest is validated and checked, and
     a reference error that names a left-out entry is dropped (it is not really dangling)."""
     from kvmstate.checks import check_spec
 
+    sections = sections_of(model)
     pruned = dict(data)
     dropped: set[str] = set()
     kinds: set[str] = set()  # "volume" when a volume was left out: its list is incomplete
@@ -234,21 +249,21 @@ def _references_despite(
             return []
         top = loc[0]
         section = pruned.get(top) if isinstance(top, str) else None
-        if top in _SECTIONS and len(loc) > 1 and isinstance(section, dict):
+        if top in sections and len(loc) > 1 and isinstance(section, dict):
             if loc[1] in section:
                 pruned[top] = {k: v for k, v in section.items() if k != loc[1]}
                 dropped.add(str(loc[1]))
                 kinds.add(top.removesuffix("s"))
-        elif isinstance(top, str) and top not in _SECTIONS:
+        elif isinstance(top, str) and top not in sections:
             pruned.pop(top, None)  # version, ssh, migration: their defaults
         else:
             return []  # a whole section is malformed: nothing sensible to check
     try:
-        spec = Spec.model_validate(pruned)
+        spec = model.model_validate(pruned)
     except ValidationError:
         return []
     out = []
-    for loc, msg, severity in check_spec(spec):
+    for loc, msg, severity in [*check_spec(spec), *(checks(spec) if checks else ())]:
         named = msg.split(" (defined:")[0]
         if (
             severity != "error"
@@ -260,8 +275,12 @@ def _references_despite(
     return out
 
 
-def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
-    """Validate spec text. Raises SpecError with every problem found."""
+def parse_spec_text(
+    text: str, path: str = "<spec>", model: type[Spec] = Spec, checks: Checks | None = None
+) -> LoadedSpec:
+    """Validate spec text against ``model`` (the Spec of the registered kinds), then the
+    cross-reference checks and ``checks`` (the kinds' own). Raises SpecError with every
+    problem found."""
     from kvmstate.checks import check_spec  # local: checks imports spec models only
 
     lines: dict[Loc, int] = {}
@@ -288,14 +307,14 @@ def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
     if not isinstance(data, dict):
         raise SpecError([Problem(path, lines.get(()), (), "the spec must be a mapping")])
     try:
-        spec = Spec.model_validate(data)
+        spec = model.model_validate(data)
     except ValidationError as e:
-        shape = problems_from_validation(e, path, lines, data)
-        refs = _references_despite(e, data, path, lines)
+        shape = problems_from_validation(e, path, lines, data, model)
+        refs = _references_despite(e, data, path, lines, model, checks)
         raise SpecError(sorted(shape + refs, key=lambda p: p.line or 0)) from None
     found = [
         Problem(path, line_of(lines, loc), loc, msg, severity)
-        for loc, msg, severity in check_spec(spec)
+        for loc, msg, severity in [*check_spec(spec), *(checks(spec) if checks else ())]
     ]
     errors = [p for p in found if p.severity == "error"]
     if errors:
@@ -304,7 +323,9 @@ def parse_spec_text(text: str, path: str = "<spec>") -> LoadedSpec:
     return LoadedSpec(spec=spec, path=path, lines=lines, warnings=warnings)
 
 
-def load_spec(path: str | Path) -> LoadedSpec:
+def load_spec(
+    path: str | Path, model: type[Spec] = Spec, checks: Checks | None = None
+) -> LoadedSpec:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -312,4 +333,4 @@ def load_spec(path: str | Path) -> LoadedSpec:
         raise SpecError([Problem(str(path), None, (), "no such file")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([Problem(str(path), None, (), f"cannot read: {e}")]) from None
-    return parse_spec_text(text, str(path))
+    return parse_spec_text(text, str(path), model, checks)

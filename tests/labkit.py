@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmstate.engine import Engine
-from kvmstate.graph import build_graph
+from kvmstate.engine.graph import build_graph
 from kvmstate.lab.lab import Lab
 from kvmstate.loader import load_spec
 from kvmstate.model import Plan, Report

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
-from kvmstate.cli.console import make_console, silence_stdout
 from kvmstate.cli.exits import EXIT_ERROR, EXIT_INTERRUPTED
 from kvmstate.cli.parser import GlobalArgs, build_parser, typed
 from kvmstate.errors import KvmstateError, SpecError
+from kvmstate.ui.console import make_console, silence_stdout
 
 Command = Callable[[argparse.Namespace, Console, Console], int]
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from kvmstate.cli import wiring
-from kvmstate.cli.console import to_json
 from kvmstate.cli.exits import EXIT_CHANGES, EXIT_ERROR, EXIT_OK
-from kvmstate.cli.layout import Hanging
 from kvmstate.cli.parser import typed
 from kvmstate.cli.views import fmt_value
 from kvmstate.ops.drift import DriftReport, drift_report
+from kvmstate.ui.console import to_json
+from kvmstate.ui.layout import Hanging
 
 
 @dataclass(frozen=True)

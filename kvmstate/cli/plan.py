@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from kvmstate.cli import views, wiring
-from kvmstate.cli.console import to_json
 from kvmstate.cli.exits import EXIT_CHANGES, EXIT_ERROR, EXIT_OK
 from kvmstate.cli.parser import typed
 from kvmstate.model import Plan
+from kvmstate.ui.console import to_json
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import IO, TYPE_CHECKING
 from rich.console import Console, RenderableType
 from rich.text import Text
 
-from kvmstate.cli.console import silence_stdout
-from kvmstate.cli.layout import Hanging
+from kvmstate.ui.console import silence_stdout
+from kvmstate.ui.layout import Hanging
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from kvmstate.cli import views, wiring
-from kvmstate.cli.console import to_json
 from kvmstate.cli.exits import EXIT_OK
-from kvmstate.cli.layout import wrapped
 from kvmstate.cli.parser import typed
+from kvmstate.ui.console import to_json
+from kvmstate.ui.layout import wrapped
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.text import Text
 
-from kvmstate.cli.layout import Hanging
 from kvmstate.errors import Problem
 from kvmstate.model import Action, Change, Plan, Report, Status
+from kvmstate.ui.layout import Hanging
 
 SYMBOL = {
     Action.NOOP: (" ", "dim"),

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from kvmstate.engine import Engine
-    from kvmstate.graph import ResourceGraph
+    from kvmstate.engine.graph import ResourceGraph
     from kvmstate.loader import LoadedSpec
     from kvmstate.model import Plan
     from kvmstate.resources.base import Event
@@ -32,7 +32,7 @@ def load(path: str) -> LoadedSpec:
 
 
 def graph_of(loaded: LoadedSpec) -> ResourceGraph:
-    from kvmstate.graph import build_graph
+    from kvmstate.engine.graph import build_graph
     from kvmstate.resources import KINDS
 
     return build_graph(loaded.spec, KINDS, path=loaded.path, lines=loaded.lines)
@@ -46,6 +46,9 @@ class NoTransports:
 
     def libvirt(self, host: str) -> Libvirt:
         raise KvmstateError(f"--assume-empty must not contact {host}")
+
+    async def connect_all(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

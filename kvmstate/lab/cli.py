@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    from kvmstate.cli.console import make_console
+    from kvmstate.ui.console import make_console
 
     console = make_console()  # 80 columns when not a terminal, like kvmstate's own output
     err = make_console(stderr=True)
@@ -155,7 +155,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
 
 def _print_status(console: Console, status: dict[str, object]) -> None:
-    from kvmstate.cli.layout import Hanging
+    from kvmstate.ui.layout import Hanging
 
     table = Table(title=f"kvmstate lab in {status['dir']}: {'up' if status['up'] else 'down'}")
     table.add_column("host", overflow="fold")  # long names fold rather than end in "…"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypedDict
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from kvmstate.graph import ResourceGraph
+    from kvmstate.engine.graph import ResourceGraph
     from kvmstate.ids import ResourceId
     from kvmstate.model import Change, Plan
 

@@ -12,6 +12,7 @@ from kvmstate.resources.mount import MountResource
 from kvmstate.resources.packages import PackagesResource
 from kvmstate.resources.placement import PlacementResource
 from kvmstate.resources.pool import PoolResource
+from kvmstate.resources.registry import Registry
 from kvmstate.resources.subvolume import SubvolumeResource
 from kvmstate.resources.volume import VolumeResource
 
@@ -26,8 +27,25 @@ KINDS: tuple[type[Resource[Any]], ...] = (
     PlacementResource,
 )
 
+#: The registry of the built-in kinds: the Spec model, loading, graph, prerequisites, import
+#: and docs of exactly these kinds.
+REGISTRY = Registry(KINDS)
+
+#: Each kind's own requirement names (what ``KINDS`` declare).
+KIND_NEEDS: dict[str, frozenset[str]] = {
+    k.kind: frozenset(r.name for r in k.requires) for k in KINDS
+}
+
+
+def needs_for_host(spec: Any, host: str) -> set[str]:
+    """The requirement names ``host`` needs for the resources the spec puts on it. Pure."""
+    return REGISTRY.needs_for_host(spec, host)
+
+
 __all__ = [
     "KINDS",
+    "KIND_NEEDS",
+    "REGISTRY",
     "DomainResource",
     "ExportResource",
     "MountResource",
@@ -36,4 +54,5 @@ __all__ = [
     "PoolResource",
     "SubvolumeResource",
     "VolumeResource",
+    "needs_for_host",
 ]

@@ -1,11 +1,13 @@
 """The resource contract every kind implements, and the context the engine hands it.
 
-    observe(ctx)         read-only; returns a small frozen observed state, or None = absent
-    diff(observed)       pure: compares only the fields the spec sets; returns a Change
-    apply(change, ctx)   mutates, then re-observes and returns the new observed state
+    observe(ctx)                   read-only; a small frozen observed state, or None = absent
+    diff(observed)                 pure: compares only the fields the spec sets; a Change
+    apply(change, observed, ctx)   mutates, starting from ``observed`` (the engine's re-check,
+                                   made right before), then observes once and returns that
 
-There is no dry-run flag: plan = observe + diff; apply is the only mutating path. The engine
-re-diffs what apply returns and fails the node unless it is NOOP.
+There is no dry-run flag: plan = observe + diff; apply is the only mutating path. Two
+observations per mutated node: the engine's re-check and apply's result. The engine re-diffs
+what apply returns and fails the node unless it is NOOP. A blocked change never reaches apply.
 """
 
 from __future__ import annotations
@@ -13,21 +15,34 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pydantic import BaseModel
+
+from kvmstate.checks import Finding
 from kvmstate.facts import Fact, FactCache
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.resources.prereq import Missing, Requirement, probe_fact
 from kvmstate.spec import Spec
 from kvmstate.transport.base import Libvirt, Shell, Transports
-from kvmstate.transport.prereq import needs_of
 
 ObsT = TypeVar("ObsT")
 T = TypeVar("T")
 
 Event = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DocSection:
+    """One block of the spec reference: where it sits in a spec, its model, a sentence."""
+
+    where: str
+    model: type[BaseModel]
+    text: str
 
 
 @dataclass
@@ -116,6 +131,18 @@ class Resource(ABC, Generic[ObsT]):
     """One managed thing on one host (or, for domains, on whichever host has it)."""
 
     kind: ClassVar[str]
+    # the spec section its entries come from (for error locations, docs, import), and the
+    # model of one entry when this kind owns the section (None: it shares another kind's,
+    # as placement shares ``domains``). A section the Spec model lacks is added by the
+    # registry (``Registry.spec_model``).
+    section: ClassVar[str]
+    section_model: ClassVar[type[BaseModel] | None] = None
+    # its reference docs: (where in the spec, model, one line)
+    docs: ClassVar[tuple[DocSection, ...]] = ()
+    # why ``kvmstate import`` cannot bring this kind in; None when ``import_into`` does
+    cannot_import: ClassVar[str | None] = None
+    # what it needs on each of its hosts (commands, devices, daemons), with their packages
+    requires: ClassVar[tuple[Requirement, ...]] = ()
     # observe talks to libvirt on hosts(): the engine opens those connections early, beside
     # the batched fact reads, so the libvirt handshake is off the critical path
     uses_libvirt: ClassVar[bool] = False
@@ -138,6 +165,28 @@ class Resource(ABC, Generic[ObsT]):
     def depends_on(self) -> frozenset[ResourceId]:
         return frozenset()
 
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        """``kvmstate import``: add to ``out.data[cls.section]`` an entry for each thing of
+        this kind the hosts have (in the shapes ``diff`` compares, so that a plan of the
+        result shows no change), or a note naming what was left out and why; never a
+        guess. A kind that cannot be imported sets ``cannot_import`` instead."""
+        raise NotImplementedError(f"{cls.kind}: {cls.cannot_import or 'no import mapping'}")
+
+    @classmethod
+    def check(cls, spec: Any) -> Iterable[Finding]:
+        """Cross-reference checks of this kind's section, beyond its model's own validation:
+        (location, message, "error" | "warning"). Default: none."""
+        return ()
+
+    @classmethod
+    def edges(
+        cls, resources: Mapping[ResourceId, Resource[Any]]
+    ) -> Iterable[tuple[ResourceId, ResourceId]]:
+        """Edges (dependency, dependent) this kind draws over the whole graph, beyond each
+        resource's ``depends_on``: for what no single dependent can name. Default: none."""
+        return ()
+
     @property
     def absent(self) -> bool:
         """True when the spec says this resource must not exist (``state: absent``)."""
@@ -147,10 +196,43 @@ class Resource(ABC, Generic[ObsT]):
         """Hosts this resource reads or changes (for per-host concurrency limits)."""
         return (self.host,) if self.host else ()
 
-    def requirements(self) -> frozenset[str]:
-        """What it needs on each of ``hosts()`` (names in ``transport.prereq.REQUIREMENTS``);
-        the engine checks them in the plan's batched read and names what is missing."""
-        return needs_of(self.kind)
+    def needs(self) -> dict[str, frozenset[Requirement]]:
+        """What it needs, host by host: by default the kind's ``requires`` on each of its
+        ``hosts()``; a kind overrides this when one resource needs more or less somewhere (a
+        domain needs QEMU only where it may run, /dev/kvm only for type kvm)."""
+        return {h: frozenset(self.requires) for h in self.hosts()}
+
+    def _probes(self) -> list[tuple[str, Fact[tuple[Missing, ...]]]]:
+        out = []
+        for h, reqs in self.needs().items():
+            probe = [r for r in reqs if r.kind != "daemon"]
+            if probe:
+                out.append((h, probe_fact(h, probe)))
+        return out
+
+    def reads(self) -> list[tuple[str, Fact[Any]]]:
+        """Everything the plan reads for this resource, batched per host by the engine: its
+        ``facts()`` and the probe of what it needs on each host."""
+        return [*self.facts(), *self._probes()]
+
+    async def preconditions(self, ctx: RunContext) -> list[str]:
+        """What its hosts lack of what it needs, each said with the fix (read from the
+        batched probe; a failing probe is left to observe, which meets the host again)."""
+        out = []
+        for h, probe in self._probes():
+            try:
+                lacking = await ctx.facts(h).get(probe)
+            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
+                self.log.debug("prerequisites of %s unknown: %s", h, exc)
+                continue
+            out += [self._lacks(ctx, m) for m in lacking]
+        return out
+
+    def _lacks(self, ctx: RunContext, m: Missing) -> str:
+        host = ctx.spec.hosts.get(m.host)
+        if host is not None and m.package and m.package in host.packages:
+            return f"{m}; packages:{m.host} installs it first, then this is observed again"
+        return str(m)
 
     @classmethod
     def arrange(cls, changes: tuple[Change, ...]) -> tuple[Change, ...]:
@@ -176,7 +258,9 @@ class Resource(ABC, Generic[ObsT]):
     def diff(self, observed: ObsT | None) -> Change: ...
 
     @abstractmethod
-    async def apply(self, change: Change, ctx: RunContext) -> ObsT | None: ...
+    async def apply(self, change: Change, observed: ObsT | None, ctx: RunContext) -> ObsT | None:
+        """Make the spec true, from ``observed`` (what the engine's re-check just read: do not
+        observe again before mutating), and return one fresh observation of the result."""
 
     # --- helpers for subclasses ------------------------------------------------------------------
     def change(

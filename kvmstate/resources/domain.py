@@ -14,17 +14,21 @@ adopted with ``--adopt``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
-from kvmstate import virt
-from kvmstate.errors import KvmstateError, RefusedError
+from kvmstate import spec as spec_models
+from kvmstate import virt, virtxml
+from kvmstate.errors import KvmstateError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources import prereq
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
-from kvmstate.spec import Domain, Spec
-from kvmstate.transport.prereq import needs_of
+from kvmstate.resources.imports import DomainInfo, Existing, Imported, Inventory
+from kvmstate.spec import Domain, Spec, is_valid_name
+from kvmstate.units import format_size
 from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
 
 
@@ -110,7 +114,41 @@ def _plain(v: object) -> object:
 
 class DomainResource(Resource[DomainObs]):
     kind = "domain"
+    section = "domains"
+    section_model = spec_models.Domain
+    docs = (
+        DocSection(
+            "domains.NAME",
+            spec_models.Domain,
+            "A libvirt domain (VM) and its placement.",
+        ),
+        DocSection(
+            "domains.NAME.boot",
+            spec_models.Boot,
+            "Firmware boot, or direct kernel boot.",
+        ),
+        DocSection(
+            "domains.NAME.disks[]",
+            spec_models.Disk,
+            "A disk backed by a volume.",
+        ),
+        DocSection(
+            "domains.NAME.interfaces[]",
+            spec_models.Interface,
+            "A network interface on a bridge or network.",
+        ),
+        DocSection(
+            "domains.NAME.serial",
+            spec_models.Serial,
+            "The serial console (`pty` or `file`).",
+        ),
+    )
+    requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_SYSTEM)
     uses_libvirt = True
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_domains(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, None)
@@ -128,8 +166,12 @@ class DomainResource(Resource[DomainObs]):
     def hosts(self) -> tuple[str, ...]:
         return tuple(domain_hosts(self.spec, self.name))
 
-    def requirements(self) -> frozenset[str]:
-        return needs_of(self.kind, self.d.type)
+    def needs(self) -> dict[str, frozenset[prereq.Requirement]]:
+        # libvirt on every host it may be found on; QEMU (and /dev/kvm) where it may run
+        run = {*self.requires, *([prereq.KVM_DEVICE] if self.d.type == "kvm" else [])}
+        looks = {prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD}
+        allowed = set(self.d.allowed_hosts())
+        return {h: frozenset(run if h in allowed else looks) for h in self.hosts()}
 
     def depends_on(self) -> frozenset[ResourceId]:
         deps = set()
@@ -208,10 +250,10 @@ class DomainResource(Resource[DomainObs]):
             )
         return ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> DomainObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
-        cur = await self.observe(ctx)
+    async def apply(
+        self, change: Change, observed: DomainObs | None, ctx: RunContext
+    ) -> DomainObs | None:
+        cur = observed
         host = cur.host if cur else self.d.host
         lv = ctx.libvirt(host)
         conn = await lv.connect()
@@ -255,3 +297,130 @@ class DomainResource(Resource[DomainObs]):
                 await lv.run(virt.set_live_vcpus, conn, self.name, self.want.vcpus)
             except KvmstateError as e:
                 self.log.warning("%s: live vCPU change refused: %s (pending restart)", host, e)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+_DOMAIN_STATES = {"running": "running", "shut-off": "shut-off"}
+# devices the spec models (or libvirt adds to every guest by itself)
+_MODELED_DEVICES = {"disk", "interface", "serial", "console", "emulator", "controller"}
+_MODELED_DEVICES |= {"memballoon", "input", "rng", "audio"}
+
+
+def _disks(
+    inv: Inventory, cfg: virtxml.DomainConfig, out: Imported
+) -> tuple[list[dict[str, Any]] | None, str]:
+    """The spec disks of a domain, or None and why not."""
+    by_path = {}
+    for vname, v in out.data["volumes"].items():
+        pool = out.data["pools"][v["pool"]]
+        if inv.host in pool["hosts"]:
+            by_path[f"{pool['path'].rstrip('/')}/{vname}"] = (vname, v)
+    disks = []
+    for i, d in enumerate(cfg.disks):
+        found = by_path.get(d.path)
+        if found is None:
+            return None, f"disk {d.path or '(no source)'} is not a volume of an imported dir pool"
+        vname, vol = found
+        if d.format != vol["format"]:
+            return None, f"disk {d.path} is used as {d.format}, the volume is {vol['format']}"
+        bus = d.bus or "virtio"
+        if bus not in ("virtio", "sata", "scsi", "ide"):
+            return None, f"disk {d.path} is on bus {bus!r}"
+        cache = d.cache or "default"
+        if cache not in ("none", "writeback", "writethrough", "directsync", "unsafe", "default"):
+            return None, f"disk {d.path} has cache {cache!r}"
+        disk: dict[str, Any] = {"volume": vname, "bus": bus, "cache": cache}
+        prefix = {"virtio": "vd", "ide": "hd"}.get(bus, "sd")
+        if d.target and d.target != f"{prefix}{chr(97 + i)}":
+            disk["target"] = d.target
+        disks.append(disk)
+    return disks, ""
+
+
+def _interfaces(cfg: virtxml.DomainConfig) -> tuple[list[dict[str, Any]] | None, str]:
+    nics = []
+    for n in cfg.nics:
+        if n.kind not in ("bridge", "network") or not n.source:
+            return None, f"an interface of type {n.kind!r} (bridge or network only)"
+        if (n.model or "virtio") not in ("virtio", "e1000", "rtl8139"):
+            return None, f"an interface of model {n.model!r}"
+        nic: dict[str, Any] = {n.kind: n.source, "model": n.model or "virtio"}
+        if n.mac:
+            nic["mac"] = n.mac
+        nics.append(nic)
+    return nics, ""
+
+
+def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | str:
+    """The spec of one domain, or why it cannot be expressed."""
+    st, cfg = dom.state, dom.state.config
+    if not st.persistent:
+        return "transient (not defined persistently)"
+    if cfg.type not in ("kvm", "qemu"):
+        return f"domain type {cfg.type!r}"
+    if st.state not in _DOMAIN_STATES:
+        return f"it is {st.state} (running or shut-off only)"
+    disks, why = _disks(inv, cfg, out)
+    if disks is None:
+        return why
+    nics, why = _interfaces(cfg)
+    if nics is None:
+        return why
+    if cfg.serial is not None and cfg.serial[0] not in ("pty", "file"):
+        return f"a serial port of type {cfg.serial[0]!r}"
+    data: dict[str, Any] = {
+        "type": cfg.type,
+        "memory": format_size(cfg.memory_kib * 1024),
+        "vcpus": cfg.vcpus,
+    }
+    boot: dict[str, Any] = {}
+    if cfg.firmware == "uefi":
+        boot["firmware"] = "uefi"
+    for key in ("kernel", "initrd", "cmdline"):
+        if getattr(cfg, key):
+            boot[key] = getattr(cfg, key)
+    if boot:
+        data["boot"] = boot
+    if disks:
+        data["disks"] = disks
+    if nics:
+        data["interfaces"] = nics
+    if cfg.serial is not None:
+        kind, path = cfg.serial
+        data["serial"] = {"type": kind, **({"path": path} if path else {})}
+    data |= {"state": _DOMAIN_STATES[st.state], "autostart": st.autostart, "host": inv.host}
+    return data
+
+
+def import_domains(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    seen: dict[str, str] = {}
+    for inv in invs:
+        for dom in inv.domains:
+            if dom.name in existing.names("domains"):
+                continue
+            what = f"domain {dom.name}"
+            if dom.name in seen:
+                out.data["domains"].pop(dom.name, None)
+                out.skip(inv.host, what, f"also defined on {seen[dom.name]}; undefine one first")
+                continue
+            seen[dom.name] = inv.host
+            if not is_valid_name(dom.name):
+                out.skip(inv.host, what, "not a usable spec name")
+                continue
+            got = _domain(inv, dom, out)
+            if isinstance(got, str):
+                out.skip(inv.host, what, got)
+                continue
+            out.data["domains"][dom.name] = got
+            if not dom.state.config.managed:
+                out.notes.append(
+                    f"{inv.host}: domain {dom.name} was not created by kvmstate: plan shows it "
+                    "as `managed: false -> true`; `apply --adopt` redefines it from the spec"
+                )
+            extra = sorted(set(dom.devices) - _MODELED_DEVICES)
+            if extra:
+                out.notes.append(
+                    f"{inv.host}: domain {dom.name} has devices the spec does not describe "
+                    f"({', '.join(extra)}); a redefinition by kvmstate would not keep them"
+                )

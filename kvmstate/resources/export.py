@@ -11,18 +11,21 @@ Options compare as sets; against the live table only the options the spec lists 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts, nfsexports
+from kvmstate import spec as spec_models
 from kvmstate.checks import covering_subvolume
 from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources import prereq
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
+from kvmstate.resources.imports import Existing, Imported, Inventory, unique
 from kvmstate.spec import Export, Spec
 from kvmstate.transport.base import read_file, write_file
 
@@ -49,6 +52,25 @@ def _show(clients: Clients | None) -> str | None:
 
 class ExportResource(Resource[ExportState]):
     kind = "export"
+    section = "exports"
+    section_model = spec_models.Export
+    docs = (
+        DocSection(
+            "exports.NAME",
+            spec_models.Export,
+            "An NFS export in /etc/exports, active in the live table.",
+        ),
+        DocSection(
+            "exports.NAME.clients[]",
+            spec_models.ExportClient,
+            "Who may mount the export, with which options.",
+        ),
+    )
+    requires = (prereq.EXPORTFS,)
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_exports(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)
@@ -134,9 +156,9 @@ class ExportResource(Resource[ExportState]):
             )
         return ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> ExportState | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def apply(
+        self, change: Change, observed: ExportState | None, ctx: RunContext
+    ) -> ExportState | None:
         shell = ctx.shell(self.h)
         if not self.absent:
             res = await shell.run(["test", "-d", self.ex.path], check=False)
@@ -151,3 +173,38 @@ class ExportResource(Resource[ExportState]):
         await shell.run(["exportfs", "-ra"])
         ctx.invalidate(self.h)
         return await self.observe(ctx)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def export_names(out: Imported, existing: Existing) -> dict[tuple[str, str], str]:
+    """{(host, path): export name} of the exports declared or imported so far."""
+    return {
+        (e.get("host", ""), e.get("path", "")): n
+        for n, e in [*existing.section("exports").items(), *out.data["exports"].items()]
+    }
+
+
+def import_exports(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    """/etc/exports of each host, named after the subvolume it exports when there is one."""
+    names = export_names(out, existing)
+    for inv, line in ((i, line) for i in invs for line in i.exports):
+        if (inv.host, line.path) in names:
+            continue
+        clients = [{"network": c, "options": list(o)} for c, o in line.clients]
+        if not clients:
+            out.skip(inv.host, f"export {line.path}", "no clients")
+            continue
+        sub = next(
+            (
+                n
+                for n, s in out.data["subvolumes"].items()
+                if s["host"] == inv.host and s["mountpoint"] == line.path
+            ),
+            None,
+        )
+        taken = set(out.data["exports"]) | existing.names("exports")
+        name = sub if sub and sub not in taken else unique(line.path.rsplit("/", 1)[-1], taken)
+        out.data["exports"][name] = {"host": inv.host, "path": line.path, "clients": clients}
+        names[(inv.host, line.path)] = name

@@ -8,16 +8,18 @@ active libvirt pool or a running domain: it refuses and names the user instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources import prereq
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import (
     describe_fstab,
     diff,
@@ -26,6 +28,8 @@ from kvmstate.resources.common import (
     option_set,
     set_fstab_line,
 )
+from kvmstate.resources.export import export_names
+from kvmstate.resources.imports import Existing, Imported, Inventory, unique
 from kvmstate.spec import Mount, Spec
 
 
@@ -42,6 +46,20 @@ def version_matches(want: str, live: str) -> bool:
 
 class MountResource(Resource[MountState]):
     kind = "mount"
+    section = "mounts"
+    section_model = spec_models.Mount
+    docs = (
+        DocSection(
+            "mounts.NAME",
+            spec_models.Mount,
+            "An NFS mount of an export on each listed host (fstab + live).",
+        ),
+    )
+    requires = (prereq.MOUNT, prereq.MOUNT_NFS)
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_mounts(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)
@@ -137,10 +155,11 @@ class MountResource(Resource[MountState]):
         self.log.info("%s: umount %s (%s)", self.h, self.m.mountpoint, why)
         await ctx.shell(self.h).run(["umount", self.m.mountpoint])
 
-    async def apply(self, change: Change, ctx: RunContext) -> MountState | None:
-        ctx.invalidate(self.h)
+    async def apply(
+        self, change: Change, observed: MountState | None, ctx: RunContext
+    ) -> MountState | None:
+        before = observed
         try:
-            before = await self.observe(ctx)
             if self.absent:
                 if before is not None and before.mount is not None:
                     await self._umount(ctx, "state: absent")
@@ -188,3 +207,66 @@ class MountResource(Resource[MountState]):
             await mkdir_p(ctx, self.h, self.m.mountpoint, self.log)
             self.log.info("%s: mount %s (%s)", self.h, self.m.mountpoint, self.source)
             await ctx.shell(self.h).run(["mount", self.m.mountpoint])
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def _nfs_version(e: hostfacts.FstabEntry) -> tuple[str | None, list[str]]:
+    vers = None
+    rest = []
+    for o in e.options:
+        k, _, v = o.partition("=")
+        if k in ("vers", "nfsvers"):
+            vers = v
+        else:
+            rest.append(o)
+    if vers is None and e.fstype == "nfs4":
+        vers = "4"
+    return vers, rest
+
+
+def import_mounts(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    by_addr = {i.address: i.host for i in invs} | {i.host: i.host for i in invs}
+    exports: dict[str, dict[str, str]] = {i.host: {} for i in invs}
+    for (h, path), name in export_names(out, existing).items():
+        exports.setdefault(h, {})[path] = name
+    declared = {
+        (h, m.get("mountpoint", ""))
+        for m in existing.section("mounts").values()
+        for h in m.get("hosts", [])
+    }
+    groups: dict[tuple[str, str, str, tuple[str, ...]], list[str]] = {}
+    for inv in invs:
+        for e in inv.fstab:
+            if e.fstype not in ("nfs", "nfs4"):
+                continue
+            if (inv.host, e.mountpoint) in declared:
+                continue
+            server, _, path = e.source.rpartition(":")
+            what = f"NFS mount {e.source} on {e.mountpoint}"
+            host = by_addr.get(server.strip("[]"))
+            if host is None:
+                out.skip(inv.host, what, f"its server {server} is not among the imported hosts")
+                continue
+            export = next(
+                (n for p, n in exports[host].items() if hostfacts.same_source(p, path)), None
+            )
+            if export is None:
+                out.skip(inv.host, what, f"{host} has no /etc/exports line for {path}")
+                continue
+            vers, options = _nfs_version(e)
+            if vers not in ("3", "4", "4.0", "4.1", "4.2"):
+                out.skip(inv.host, what, "no vers= option kvmstate can keep (3, 4, 4.x)")
+                continue
+            groups.setdefault((export, e.mountpoint, vers, tuple(options)), []).append(inv.host)
+    for (export, mountpoint, vers, opts), hosts in groups.items():
+        taken = set(out.data["mounts"]) | existing.names("mounts")
+        name = export if export not in taken else unique(export, taken)
+        out.data["mounts"][name] = {
+            "export": export,
+            "hosts": hosts,
+            "mountpoint": mountpoint,
+            "nfs_version": vers,
+            "options": list(opts),
+        }

@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.checks import covering_mount
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Check
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.domain import domain_hosts, locate
 from kvmstate.spec import Domain, MigrationPolicy, Spec
@@ -74,6 +75,25 @@ class PlacementObs:
 
 class PlacementResource(Resource[PlacementObs]):
     kind = "placement"
+    section = "domains"
+    cannot_import = "imported with its domain: the host a domain is found on becomes its `host:`"
+    docs = (
+        DocSection(
+            "domains.NAME.placement",
+            spec_models.Placement,
+            "Where the domain may run, and the policy.",
+        ),
+        DocSection(
+            "migration / domains.NAME.migration",
+            spec_models.MigrationPolicy,
+            "Live-migration policy.",
+        ),
+        DocSection(
+            "...downtime_steps[]",
+            spec_models.DowntimeStep,
+            "One step of the downtime escalation schedule.",
+        ),
+    )
     uses_libvirt = True
     poll_interval = 0.5
 
@@ -337,12 +357,12 @@ class PlacementResource(Resource[PlacementObs]):
             out.append(c)
         return tuple(out)
 
-    async def apply(self, change: Change, ctx: RunContext) -> PlacementObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
-        # where the domain is now; the engine ran the pre-flight checks just before this, and
-        # the memory check is made again below, under the target's lock
-        cur = await self.observe(ctx, preflight=False)
+    async def apply(
+        self, change: Change, observed: PlacementObs | None, ctx: RunContext
+    ) -> PlacementObs | None:
+        # where the domain is now: the engine's re-check, just before this (the memory check
+        # is made again below, under the target's lock)
+        cur = observed
         if cur is None or cur.target == cur.host:
             return cur
         src, dst = cur.host, cur.target

@@ -8,19 +8,22 @@ of a pool whose volumes are in use by running domains is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.checks import covering_mount
 from kvmstate.errors import RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources import prereq
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff, mkdir_p
-from kvmstate.spec import Pool, Spec
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Pool, Spec, is_valid_name
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,21 @@ class PoolObs:
 
 class PoolResource(Resource[PoolObs]):
     kind = "pool"
+    section = "pools"
+    section_model = spec_models.Pool
+    docs = (
+        DocSection(
+            "pools.NAME",
+            spec_models.Pool,
+            "A libvirt storage pool on each listed host.",
+        ),
+    )
+    requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD)
     uses_libvirt = True
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_pools(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)
@@ -113,16 +130,16 @@ class PoolResource(Resource[PoolObs]):
                 f"({mp}), which is not mounted; refusing to start the pool on the bare directory"
             )
 
-    async def apply(self, change: Change, ctx: RunContext) -> PoolObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def apply(
+        self, change: Change, observed: PoolObs | None, ctx: RunContext
+    ) -> PoolObs | None:
         lv = ctx.libvirt(self.h)
         conn = await lv.connect()
         if self.absent:
             self.log.info("%s: undefining pool %s", self.h, self.name)
             await lv.run(virt.undefine_pool, conn, self.name)
             return await self.observe(ctx)
-        cur = await self.observe(ctx)
+        cur = observed
         if cur is not None and cur.path != self.p.path:
             if cur.in_use:
                 raise RefusedError(f"pool {self.name}: path change refused, in use: {cur.in_use}")
@@ -145,3 +162,38 @@ class PoolResource(Resource[PoolObs]):
         await lv.run(virt.refresh_pool, conn, self.name)
         ctx.invalidate(self.h)
         return await self.observe(ctx)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def import_pools(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    for inv in invs:
+        for p in inv.pools:
+            what = f"pool {p.name}"
+            if p.name in existing.names("pools"):
+                continue
+            if p.type != "dir":
+                out.skip(inv.host, what, f"type {p.type!r} (kvmstate manages dir pools)")
+                continue
+            if not is_valid_name(p.name):
+                out.skip(inv.host, what, "not a usable spec name")
+                continue
+            have = out.data["pools"].get(p.name)
+            if have is None:
+                out.data["pools"][p.name] = {
+                    "type": "dir",
+                    "path": p.path,
+                    "hosts": [inv.host],
+                    "autostart": p.autostart,
+                }
+            elif have["path"] != p.path or have["autostart"] != p.autostart:
+                out.skip(
+                    inv.host,
+                    what,
+                    f"differs from the same pool on {have['hosts'][0]} (path or autostart)",
+                )
+            else:
+                have["hosts"].append(inv.host)
+            if not p.active:
+                out.notes.append(f"{inv.host}: pool {p.name} is not active; apply will start it")

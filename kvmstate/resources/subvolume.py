@@ -10,15 +10,17 @@ looks under a temporary top-level mount (``-o subvolid=5``) before creating anyt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvmstate import hostfacts
+from kvmstate import spec as spec_models
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.model import Action, Change, FieldDiff
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources import prereq
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import (
     VISIBLE_OPTIONS,
     describe_fstab,
@@ -28,7 +30,8 @@ from kvmstate.resources.common import (
     option_set,
     set_fstab_line,
 )
-from kvmstate.spec import Spec, Subvolume
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Spec, Subvolume, is_valid_name
 
 TMP_TOP = "/run/kvmstate/btrfs"
 
@@ -44,6 +47,20 @@ class SubvolumeState:
 
 class SubvolumeResource(Resource[SubvolumeState]):
     kind = "subvolume"
+    section = "subvolumes"
+    section_model = spec_models.Subvolume
+    docs = (
+        DocSection(
+            "subvolumes.NAME",
+            spec_models.Subvolume,
+            "A btrfs subvolume, mounted and kept in /etc/fstab.",
+        ),
+    )
+    requires = (prereq.BTRFS, prereq.MOUNT)
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_subvolumes(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, host)
@@ -151,12 +168,21 @@ class SubvolumeResource(Resource[SubvolumeState]):
             )
         return ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> SubvolumeState | None:
+    async def apply(
+        self, change: Change, observed: SubvolumeState | None, ctx: RunContext
+    ) -> SubvolumeState | None:
         shell = ctx.shell(self.h)
         try:
             if self.absent:
-                await self._delete(ctx, change)
+                await self._delete(ctx, observed)
                 return await self.observe(ctx)
+            cur = observed or SubvolumeState(None, False, None, None)
+            if cur.mount is not None and not self._is_ours(cur.mount, cur.device_node):
+                # refused before anything is written: the host stays exactly as it was
+                raise RefusedError(
+                    f"{self.h}: {self.sv.mountpoint} has {cur.mount.source}:{cur.mount.root} "
+                    f"mounted, not subvolume {self.name}; unmount it first"
+                )
             fields = {d.field for d in change.diffs}
             if "subvolume" in fields:
                 async with self._toplevel(ctx) as top:
@@ -168,33 +194,15 @@ class SubvolumeResource(Resource[SubvolumeState]):
                         await shell.run(["btrfs", "subvolume", "create", f"{top}/{self.name}"])
             if "fstab" in fields:
                 await set_fstab_line(ctx, self.h, self.sv.mountpoint, self.fstab_line(), self.log)
-            ctx.invalidate(self.h)
-            cur = await self.observe(ctx)
-            ours = (
-                cur is not None
-                and cur.mount is not None
-                and self._is_ours(cur.mount, cur.device_node)
-            )
-            if "fstab" in fields and ours:  # new options in fstab: remount now
-                opts = ",".join(["remount", *self.sv.mount_options])
-                self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
-                await shell.run(["mount", "-o", opts, self.sv.mountpoint])
-                ctx.invalidate(self.h)
-                cur = await self.observe(ctx)
-            if cur is not None and cur.mount is None:
+            if cur.mount is None:
                 await mkdir_p(ctx, self.h, self.sv.mountpoint, self.log)
                 self.log.info("%s: mount %s", self.h, self.sv.mountpoint)
                 await shell.run(["mount", self.sv.mountpoint])
-            elif cur is not None and cur.mount is not None:
-                if not self._is_ours(cur.mount, cur.device_node):
-                    raise RefusedError(
-                        f"{self.h}: {self.sv.mountpoint} has {cur.mount.source}:{cur.mount.root} "
-                        f"mounted, not subvolume {self.name}; unmount it first"
-                    )
-                if self._missing_options(cur.mount):
-                    opts = ",".join(["remount", *self.sv.mount_options])
-                    self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
-                    await shell.run(["mount", "-o", opts, self.sv.mountpoint])
+            elif "fstab" in fields or self._missing_options(cur.mount):
+                # new options in fstab, or options missing from the live mount: remount now
+                opts = ",".join(["remount", *self.sv.mount_options])
+                self.log.info("%s: mount -o %s %s", self.h, opts, self.sv.mountpoint)
+                await shell.run(["mount", "-o", opts, self.sv.mountpoint])
         finally:
             ctx.invalidate(self.h)
         return await self.observe(ctx)
@@ -216,11 +224,8 @@ class SubvolumeResource(Resource[SubvolumeState]):
             await shell.run(["umount", tmp])
             await shell.run(["rmdir", "--", tmp], check=False)
 
-    async def _delete(self, ctx: RunContext, change: Change) -> None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def _delete(self, ctx: RunContext, cur: SubvolumeState | None) -> None:
         shell = ctx.shell(self.h)
-        cur = await self.observe(ctx)
         if cur is not None and cur.mount is not None:
             self.log.info("%s: umount %s", self.h, self.sv.mountpoint)
             await shell.run(["umount", self.sv.mountpoint])
@@ -245,3 +250,38 @@ def _data_fact(path: str) -> Fact[bool | None]:
 
     argv = ("find", path, "-mindepth", "1", "-maxdepth", "1", "-print", "-quit")
     return Fact(f"has-data:{path}", argv, parse)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def import_subvolumes(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    declared = {(s.get("host", ""), n) for n, s in existing.section("subvolumes").items()}
+    for inv, e in ((i, e) for i in invs for e in i.fstab):
+        if e.fstype != "btrfs":
+            continue
+        sub = next((o.split("=", 1)[1] for o in e.options if o.startswith("subvol=")), None)
+        if sub is None:
+            continue  # a top-level mount: the filesystem itself, not a subvolume
+        name = sub.strip("/")
+        if (inv.host, name) in declared:
+            continue
+        if not is_valid_name(name) or name in out.data["subvolumes"]:
+            out.skip(inv.host, f"subvolume {sub!r} on {e.mountpoint}", "not a usable spec name")
+            continue
+        mounted = hostfacts.mounted_at(inv.mounts, e.mountpoint)
+        data: dict[str, Any] = {"host": inv.host, "device": e.source}
+        if mounted is not None and mounted.fstype == "btrfs":
+            top = next(
+                (
+                    m.mountpoint
+                    for m in inv.mounts
+                    if m.fstype == "btrfs" and m.source == mounted.source and m.root == "/"
+                ),
+                None,
+            )
+            if top is not None:
+                data["toplevel"] = top
+        data["mountpoint"] = e.mountpoint
+        data["mount_options"] = [o for o in e.options if not o.startswith(("subvol=", "subvolid="))]
+        out.data["subvolumes"][name] = data

@@ -9,16 +9,21 @@ volume is visible wherever a domain may run. A volume is a disk: deleting it alw
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import posixpath
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvmstate import hostfacts, virt
+from kvmstate import spec as spec_models
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources import prereq
+from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
-from kvmstate.spec import Spec, Volume
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Spec, Volume, is_valid_name
 from kvmstate.units import format_size
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,21 @@ class VolumeObs:
 
 class VolumeResource(Resource[VolumeObs]):
     kind = "volume"
+    section = "volumes"
+    section_model = spec_models.Volume
+    docs = (
+        DocSection(
+            "volumes.NAME",
+            spec_models.Volume,
+            "A disk image in a pool; NAME is its file name.",
+        ),
+    )
+    requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, prereq.QEMU_IMG)
     uses_libvirt = True
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_volumes(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         self.v: Volume = spec.volumes[name]
@@ -51,6 +70,9 @@ class VolumeResource(Resource[VolumeObs]):
     @property
     def absent(self) -> bool:
         return self.v.state == "absent"
+
+    def needs(self) -> dict[str, frozenset[prereq.Requirement]]:
+        return {h: frozenset(self.requires) for h in self.pool_hosts}  # every host of its pool
 
     def depends_on(self) -> frozenset[ResourceId]:
         return frozenset({ResourceId("pool", self.v.pool, self.h)})
@@ -122,12 +144,12 @@ class VolumeResource(Resource[VolumeObs]):
         ch = self.change(Action.UPDATE, diffs, f"volume {self.name}")
         return ch.with_blocked(blocked) if blocked else ch
 
-    async def apply(self, change: Change, ctx: RunContext) -> VolumeObs | None:
-        if change.blocked:
-            raise RefusedError(change.blocked)
+    async def apply(
+        self, change: Change, observed: VolumeObs | None, ctx: RunContext
+    ) -> VolumeObs | None:
         lv = ctx.libvirt(self.h)
         conn = await lv.connect()
-        cur = await self.observe(ctx)
+        cur = observed
         if cur is not None and cur.unknown:
             raise RefusedError(f"volume {self.name}: {cur.unknown}")
         if self.absent:
@@ -161,15 +183,15 @@ class VolumeResource(Resource[VolumeObs]):
             )
             await lv.run(virt.resize_volume, conn, self.v.pool, self.name, self.v.capacity)
             await self._refresh_others(ctx)
-        cur = await self.observe(ctx)
-        if cur is None:
-            raise KvmstateError(f"{self.h}: volume {self.name} missing right after creation")
-        if (self.v.owner and cur.owner != self.v.owner) or (
-            self.v.group and cur.group != self.v.group
-        ):
+        # a new volume: its owner is whatever libvirt made it; an existing one: as observed
+        path = posixpath.join(self.spec.pools[self.v.pool].path, self.name)
+        owner, group = (None, None) if cur is None else (cur.owner, cur.group)
+        if cur is not None:
+            path = cur.path
+        if (self.v.owner and owner != self.v.owner) or (self.v.group and group != self.v.group):
             who = f"{self.v.owner or ''}:{self.v.group or ''}"
-            self.log.info("%s: chown %s %s", self.h, who, cur.path)
-            await ctx.shell(self.h).run(["chown", who, "--", cur.path])
+            self.log.info("%s: chown %s %s", self.h, who, path)
+            await ctx.shell(self.h).run(["chown", who, "--", path])
         return await self.observe(ctx)
 
     async def _running_users(self, ctx: RunContext, path: str) -> list[str]:
@@ -188,3 +210,36 @@ class VolumeResource(Resource[VolumeObs]):
                     self.log.info("%s: refreshed pool %s", h, self.v.pool)
             except KvmstateError as e:
                 self.log.warning("%s: could not refresh pool %s: %s", h, self.v.pool, e)
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+
+def import_volumes(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    for inv in invs:
+        for v in inv.volumes:
+            pool = out.data["pools"].get(v.pool)
+            if pool is None or v.name in existing.names("volumes"):
+                continue
+            what = f"volume {v.name} in pool {v.pool}"
+            have = out.data["volumes"].get(v.name)
+            if have is not None:
+                if have["pool"] != v.pool:
+                    out.skip(inv.host, what, f"the name is taken by pool {have['pool']}'s volume")
+                continue  # the same shared volume seen from another host of the pool
+            if inv.host != pool["hosts"][0]:
+                continue  # kvmstate reads a volume on its pool's first host
+            if not is_valid_name(v.name):
+                out.skip(inv.host, what, "not a usable spec name")
+                continue
+            if v.state.format not in ("qcow2", "raw") or v.state.capacity <= 0:
+                out.skip(inv.host, what, f"format {v.state.format!r} (qcow2 or raw only)")
+                continue
+            data: dict[str, Any] = {
+                "pool": v.pool,
+                "format": v.state.format,
+                "capacity": format_size(v.state.capacity),
+            }
+            if v.owner and v.group:
+                data |= {"owner": v.owner, "group": v.group}
+            out.data["volumes"][v.name] = data

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from kvmstate import virt
 from kvmstate.errors import HostUnreachable, TransportError
+from kvmstate.resources import prereq
 from kvmstate.spec import Spec
 from kvmstate.testing.fake_cmds import (
     Fail,
@@ -42,7 +43,6 @@ from kvmstate.testing.fake_cmds import (
     octal_escape,
     run_command,
 )
-from kvmstate.transport import prereq
 from kvmstate.transport.base import CommandResult, Libvirt, Process, Shell, Transports
 from kvmstate.transport.libvirt import libvirt_module
 
@@ -378,6 +378,9 @@ class FakeCluster:
 
     def round_trips(self) -> dict[str, int]:
         return {n: h.round_trips for n, h in self.hosts.items()}
+
+    async def connect_all(self) -> None:
+        """Nothing to open: fake hosts are in memory."""
 
     async def close(self) -> None:
         for h in self.hosts.values():

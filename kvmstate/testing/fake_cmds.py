@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from kvmstate.clusterlock import LOCK_SCRIPT
 from kvmstate.errors import KvmstateError
 from kvmstate.nfsexports import EXPORTS_D_SCRIPT
-from kvmstate.transport import prereq
+from kvmstate.resources import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 
 if TYPE_CHECKING:

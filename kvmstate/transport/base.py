@@ -101,6 +101,10 @@ class Transports(Protocol):
 
     def libvirt(self, host: str) -> Libvirt: ...
 
+    async def connect_all(self) -> None:
+        """Open every host's connection now, in parallel (apply does this while it takes the
+        cluster lock); a failure is left to the first real use, which reports it."""
+
     async def close(self) -> None: ...
 
 

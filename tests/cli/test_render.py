@@ -8,10 +8,10 @@ from pathlib import Path
 from rich.console import Console
 
 from kvmstate.cli import views
-from kvmstate.cli.console import make_console
 from kvmstate.cli.progress import EventPrinter
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
+from kvmstate.ui.console import make_console
 
 
 def _console() -> tuple[io.StringIO, Console]:

@@ -16,7 +16,7 @@ SEED = str(ROOT / "specs" / "seed.yaml")
 
 # what `kvmstate plan` imports (bench/startup.py measures the same line)
 PLAN_IMPORTS = (
-    "import kvmstate.cli, kvmstate.cli.plan, kvmstate.loader, kvmstate.graph, "
+    "import kvmstate.cli, kvmstate.cli.plan, kvmstate.loader, kvmstate.engine.graph, "
     "kvmstate.resources, kvmstate.engine, kvmstate.transport.real"
 )
 

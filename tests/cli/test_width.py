@@ -21,16 +21,16 @@ from rich.console import Console
 
 from kvmstate import cli
 from kvmstate.cli import views
-from kvmstate.cli.console import make_console
-from kvmstate.cli.layout import Hanging
 from kvmstate.cli.progress import EventPrinter
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import Problem
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
 from kvmstate.resources import KINDS
 from kvmstate.testing.fake import FakeCluster, FakeMount
+from kvmstate.ui.console import make_console
+from kvmstate.ui.layout import Hanging
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 80

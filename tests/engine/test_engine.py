@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from kvmstate.engine import Engine, EngineConfig
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import SpecError, TemporaryError
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff, Status
 from kvmstate.resources.base import Options, Resource, RunContext
@@ -47,6 +47,7 @@ class World:
 
 class Toy(Resource[str]):
     kind = "toy"
+    section = "nodes"
 
     def __init__(self, spec: World, name: str) -> None:
         self.world = spec
@@ -89,7 +90,7 @@ class Toy(Resource[str]):
             return self.change(Action.UPDATE, [FieldDiff("value", observed, self.node.value)])
         return self.noop(f"value is {observed}")
 
-    async def apply(self, change: Change, ctx: RunContext) -> str | None:
+    async def apply(self, change: Change, observed: str | None, ctx: RunContext) -> str | None:
         w = self.world
         host = self.node.host
         w.running_per_host[host] = w.running_per_host.get(host, 0) + 1
@@ -351,9 +352,11 @@ def test_a_failed_node_is_not_retried_in_later_rounds() -> None:
     attempts: list[str] = []
     original = Toy.apply
 
-    async def counting(self: Toy, change: Change, ctx: RunContext) -> str | None:
+    async def counting(
+        self: Toy, change: Change, observed: str | None, ctx: RunContext
+    ) -> str | None:
         attempts.append(self.name)
-        return await original(self, change, ctx)
+        return await original(self, change, observed, ctx)
 
     Toy.apply = counting  # type: ignore[method-assign]
     try:

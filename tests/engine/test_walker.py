@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kvmstate.walker import CycleError, Dag, walk
+from kvmstate.engine.walker import CycleError, Dag, walk
 
 Outcome = tuple[str, str | None]
 

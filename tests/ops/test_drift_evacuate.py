@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from resources.fakelab import LAB_SPEC
 
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import KvmstateError
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Action, Change, FieldDiff, Plan

@@ -4,9 +4,15 @@ driver loop (observe -> diff -> apply -> re-diff) standing in for the engine."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import networkx as nx
+
+from kvmstate.engine import Blocked, Engine
+from kvmstate.engine.graph import ResourceGraph
+from kvmstate.errors import RefusedError
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Change
 from kvmstate.resources import KINDS
@@ -120,13 +126,34 @@ async def plan(res: Resource[Any], ctx: RunContext) -> Change:
     return res.diff(await res.observe(ctx))
 
 
+async def apply_change(res: Resource[Any], change: Change, ctx: RunContext) -> Any:
+    """Apply ``change`` to one resource through the engine's own per-node path
+    (``Engine.mutate``: re-check, apply from that observation, re-diff) and return a fresh
+    observation. A change that is blocked at the re-check raises ``RefusedError`` with its
+    reason. The --allow-destroy consent is given: what is under test here is each kind's
+    apply (the gate itself is tested in tests/engine)."""
+    g = nx.DiGraph()
+    g.add_node(res.id)
+    engine = Engine(ResourceGraph(g, {res.id: res}), ctx)
+    consent = ctx.options
+    ctx.options = dataclasses.replace(consent, allow_destroy=True)
+    try:
+        await engine.mutate(res, change)
+    except Blocked as b:
+        raise RefusedError(str(b)) from None
+    finally:
+        ctx.options = consent
+    fresh(ctx)
+    return await res.observe(ctx)
+
+
 async def converge(res: Resource[Any], ctx: RunContext) -> Change:
-    """One engine step for one resource: plan, apply if needed, and return the re-diff."""
+    """Plan one resource from a cold cache and, if it has a change, apply it through the
+    engine's per-node path (``apply_change``); returns the diff of the result."""
     change = await plan(res, ctx)
     if change.is_noop:
         return change
-    after = await res.apply(change, ctx)
-    return res.diff(after)
+    return res.diff(await apply_change(res, change, ctx))
 
 
 def resources(spec: Spec, kind: str) -> list[Resource[Any]]:

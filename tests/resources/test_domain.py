@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fakelab import LAB_SPEC, converge, converge_upto, find, make_spec, plan, run
+from fakelab import LAB_SPEC, apply_change, converge, converge_upto, find, make_spec, plan, run
 
 from kvmstate import virt
 from kvmstate.errors import KvmstateError, RefusedError
@@ -96,7 +96,7 @@ def test_unmarked_domain_is_adopted_only_with_adopt(
     change = run(plan(res, ctx))
     assert change.blocked and "--adopt" in change.blocked
     with pytest.raises(RefusedError):
-        run(res.apply(change, ctx))
+        run(apply_change(res, change, ctx))
     actx = RunContext(spec, cluster, Options(adopt=True))
     change = run(plan(res, actx))
     assert change.blocked is None and ("managed", False, True) in [

@@ -3,11 +3,13 @@ with its class and restored in one apply, a migration by spec change."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fakelab import LAB_SPEC, make_spec, prepare, run
 
 from kvmstate import virt
 from kvmstate.engine import Engine
-from kvmstate.graph import build_graph
+from kvmstate.engine.graph import build_graph
 from kvmstate.model import Plan
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Event, Options, RunContext
@@ -166,3 +168,52 @@ def test_a_slow_host_holds_up_only_its_own_resources() -> None:
     observed = [str(e["id"]) for e in events if e.get("event") == "observed"]
     first_storage = min(i for i, x in enumerate(observed) if ":storage:" in x)
     assert any(":kvm-" in x for x in observed[:first_storage])
+
+
+def test_two_observations_per_mutated_node() -> None:
+    """Issue 15: apply works from the engine's re-check. Each node the apply mutates is
+    observed exactly twice after the plan: the re-check right before it mutates, and the
+    result apply returns; covering a create of every kind, drift repairs, and a migration."""
+    spec = make_spec()
+    cluster = FakeCluster(spec)
+    prepare(cluster)
+    counts: dict[str, int] = {}
+    originals = {k: k.__dict__["observe"] for k in KINDS}
+
+    def counting(kind: type, original: Any) -> Any:
+        async def observe(self: Any, ctx: RunContext, *args: Any, **kw: Any) -> Any:
+            counts[str(self.id)] = counts.get(str(self.id), 0) + 1
+            return await original(self, ctx, *args, **kw)
+
+        return observe
+
+    async def applied(s: Spec) -> dict[str, int]:
+        engine = Engine(build_graph(s, KINDS), RunContext(s, cluster, Options()))
+        plan = await engine.plan()
+        counts.clear()
+        report = await engine.apply(plan)
+        assert report.converged and report.rounds == 1, report.as_dict()
+        changed = {str(o.id) for o in report.outcomes if o.status.value == "changed"}
+        assert changed
+        return {rid: counts.get(rid, 0) for rid in changed}
+
+    async def scenario() -> None:
+        created = await applied(spec)
+        assert set(created.values()) == {2}, created
+        assert {rid.split(":")[0] for rid in created} >= {
+            "subvolume", "export", "mount", "pool", "volume", "domain",
+        }  # fmt: skip
+        cluster["kvm-2"].conn().storagePoolLookupByName("images").destroy()
+        cluster["kvm-1"].conn().lookupByName("guest").destroy()
+        repaired = await applied(spec)
+        assert repaired == {"pool:kvm-2:images": 2, "domain:guest": 2}
+        moved = make_spec(LAB_SPEC.replace("    host: kvm-1\n", "    host: kvm-2\n"))
+        assert await applied(moved) == {"placement:guest": 2}
+
+    for k in KINDS:
+        k.observe = counting(k, originals[k])  # type: ignore[method-assign]
+    try:
+        run(scenario())
+    finally:
+        for k in KINDS:
+            k.observe = originals[k]  # type: ignore[method-assign]

@@ -7,7 +7,7 @@ from fakelab import make_spec, prepare, run
 
 from kvmstate import importer, virt
 from kvmstate.engine import Engine
-from kvmstate.graph import build_graph
+from kvmstate.engine.graph import build_graph
 from kvmstate.loader import parse_spec_text
 from kvmstate.model import Plan
 from kvmstate.resources import KINDS

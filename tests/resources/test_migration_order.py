@@ -10,7 +10,7 @@ from fakelab import make_spec, prepare, run
 from specedit import add_second_guest
 
 from kvmstate.engine import Engine
-from kvmstate.graph import build_graph
+from kvmstate.engine.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Plan, Report, Status
 from kvmstate.resources import KINDS

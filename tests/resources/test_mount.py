@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from fakelab import LAB_SPEC, converge, converge_upto, find, make_spec, plan, run
+from fakelab import LAB_SPEC, apply_change, converge, converge_upto, find, make_spec, plan, run
 
 from kvmstate.errors import RefusedError, TransportError
 from kvmstate.model import Action
@@ -84,7 +84,7 @@ def test_option_change_under_an_active_pool_rewrites_fstab_and_defers_the_remoun
     nctx = RunContext(spec, cluster)
     change = run(plan(res, nctx))
     assert [d.field for d in change.diffs] == ["fstab"]
-    after = run(res.apply(change, nctx))
+    after = run(apply_change(res, change, nctx))
     assert res.diff(after).is_noop
     assert cluster["kvm-1"].mount_at(MP) == mounted  # never unmounted under the pool
     assert ",hard" in (cluster["kvm-1"].read("/etc/fstab") or "")
@@ -103,7 +103,7 @@ def test_wrong_live_source_under_an_active_pool_is_refused(
     change = run(plan(res, ctx))
     assert [d.field for d in change.diffs] == ["mounted"]
     with pytest.raises(RefusedError, match="in use by active pool images"):
-        run(res.apply(change, ctx))
+        run(apply_change(res, change, ctx))
     assert host.mount_at(MP).source == "10.77.0.99:/srv/images"  # type: ignore[union-attr]
     assert host.read("/etc/fstab") == fstab  # nothing half-done
 
@@ -118,7 +118,7 @@ def test_absent_refused_under_an_active_pool_then_done(
     change = run(plan(res, actx))
     assert change.action is Action.DELETE
     with pytest.raises(RefusedError, match="active pool images"):
-        run(res.apply(change, actx))
+        run(apply_change(res, change, actx))
     assert cluster["kvm-1"].mount_at(MP) is not None
     cluster["kvm-1"].conn().storagePoolLookupByName("images").destroy()
     assert run(converge(res, actx)).is_noop

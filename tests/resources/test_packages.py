@@ -8,14 +8,14 @@ import pytest
 from fakelab import LAB_SPEC, make_spec, prepare, run
 
 from kvmstate.engine import Engine
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import ParseError
-from kvmstate.graph import build_graph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Status
 from kvmstate.resources import KINDS
+from kvmstate.resources import packages as prereq
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.testing.fake import FakeCluster
-from kvmstate.transport import prereq
 from kvmstate.transport.base import CommandResult
 
 WITH_PACKAGES = LAB_SPEC.replace(

@@ -159,7 +159,7 @@ def test_apply_reads_the_targets_memory_once_under_its_lock(
     memory and bridges read under its lock (the re-check before applying leaves them to
     it). Before, the re-check read them too: two round trips."""
     from kvmstate.engine import Engine
-    from kvmstate.graph import build_graph
+    from kvmstate.engine.graph import build_graph
     from kvmstate.model import Status
     from kvmstate.resources import KINDS
 
@@ -190,7 +190,7 @@ def test_target_that_changed_after_the_plan_is_refused_at_apply(
     """Memory and bridges are left out of the re-check, so apply's own check under the
     target's lock is what stops a migration onto a target that lost them since the plan."""
     from kvmstate.engine import Engine
-    from kvmstate.graph import build_graph
+    from kvmstate.engine.graph import build_graph
     from kvmstate.model import Status
     from kvmstate.resources import KINDS
 

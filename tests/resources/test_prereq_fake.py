@@ -7,7 +7,7 @@ from __future__ import annotations
 from fakelab import make_spec, prepare, run
 
 from kvmstate.engine import Engine
-from kvmstate.graph import build_graph
+from kvmstate.engine.graph import build_graph
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.testing.fake import FakeCluster

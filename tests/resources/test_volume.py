@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fakelab import LAB_SPEC, converge, converge_upto, find, make_spec, plan, run
+from fakelab import LAB_SPEC, apply_change, converge, converge_upto, find, make_spec, plan, run
 
 from kvmstate import virt
 from kvmstate.errors import RefusedError
@@ -58,7 +58,7 @@ def test_grow_in_place_and_shrink_refused(cluster: FakeCluster, ctx: RunContext)
     change = run(plan(find(smaller, "volume"), RunContext(smaller, cluster)))
     assert change.blocked and "shrinking" in change.blocked
     with pytest.raises(RefusedError):
-        run(find(smaller, "volume").apply(change, RunContext(smaller, cluster)))
+        run(apply_change(find(smaller, "volume"), change, RunContext(smaller, cluster)))
     vol = virt.observe_volume(cluster["kvm-1"].conn(), "images", "guest.qcow2")
     assert vol is not None and vol.capacity == 96 * 2**20
 

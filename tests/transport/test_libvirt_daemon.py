@@ -114,7 +114,7 @@ def test_libvirt_reopens_after_the_ssh_connection_is_lost(sshd: LocalSSHD, libvi
 
 
 def test_prerequisites_libvirtd_answering(sshd: LocalSSHD, libvirtd: Path) -> None:
-    from kvmstate.transport.prereq import REQUIREMENTS, Requirement, check_prerequisites
+    from kvmstate.resources.prereq import REQUIREMENTS, Requirement, check_prerequisites
 
     reqs = {**REQUIREMENTS, "libvirtd-binary": Requirement("x", "command", None, "sh", "t")}
 

@@ -9,17 +9,15 @@ from typing import Any
 import pytest
 from sshd_server import LocalSSHD
 
-from kvmstate.spec import Spec
-from kvmstate.transport.prereq import (
-    KIND_NEEDS,
+from kvmstate.resources import KIND_NEEDS, needs_for_host
+from kvmstate.resources.packages import install_packages, missing_packages
+from kvmstate.resources.prereq import (
     REQUIREMENTS,
     Requirement,
     check_prerequisites,
-    install_packages,
-    missing_packages,
-    needs_for_host,
     packages_for,
 )
+from kvmstate.spec import Spec
 from kvmstate.transport.real import RealTransports
 
 TEST_REQS = {

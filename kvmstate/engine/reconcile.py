@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvmstate.engine.contract import Context, Node
+from kvmstate.engine.graph import ResourceGraph
 from kvmstate.errors import (
     ConflictError,
     HostUnreachable,
@@ -27,12 +29,8 @@ from kvmstate.errors import (
     TemporaryError,
     TransportError,
 )
-from kvmstate.facts import Fact
-from kvmstate.graph import ResourceGraph
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
-from kvmstate.resources.base import Resource, RunContext
-from kvmstate.transport import prereq
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,8 +63,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _Blocked(Exception):
-    pass
+class Blocked(Exception):
+    """The re-check found the change blocked now (its reason is the message)."""
 
 
 def nx_ancestors(graph: ResourceGraph, rid: ResourceId) -> set[ResourceId]:
@@ -81,7 +79,7 @@ def nx_ancestors(graph: ResourceGraph, rid: ResourceId) -> set[ResourceId]:
 
 
 class Engine:
-    def __init__(self, graph: ResourceGraph, ctx: RunContext, config: EngineConfig | None = None):
+    def __init__(self, graph: ResourceGraph, ctx: Context, config: EngineConfig | None = None):
         self.graph = graph
         self.ctx = ctx
         self.config = config or EngineConfig()
@@ -102,7 +100,7 @@ class Engine:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _sems(self, r: Resource[Any]) -> list[asyncio.Semaphore]:
+    def _sems(self, r: Node) -> list[asyncio.Semaphore]:
         out = []
         for h in sorted(set(r.hosts())):
             sem = self._host_sems.get(h)
@@ -139,9 +137,8 @@ class Engine:
         connection, and the libvirt connection of every host with a libvirt resource, all in
         parallel. ``apply`` runs this while it takes the cluster lock. Failures are left to
         the plan, which meets them again and reports them."""
-        connect_all = getattr(self.ctx.transports, "connect_all", None)
         results = await asyncio.gather(
-            *([connect_all()] if connect_all is not None else []),
+            self.ctx.transports.connect_all(),
             *map(self._open_libvirt, self._libvirt_hosts(self.graph.order())),
             return_exceptions=True,
         )
@@ -160,45 +157,29 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
             log.debug("libvirt on %s: %s", host, exc)
 
-    def _hosts_of(
-        self, order: list[ResourceId], pred: Callable[[Resource[Any]], bool]
-    ) -> list[str]:
+    def _hosts_of(self, order: list[ResourceId], pred: Callable[[Node], bool]) -> list[str]:
         return sorted(
             {h for rid in order if pred(self.graph[rid]) for h in self.graph[rid].hosts()}
         )
 
     def _read_hosts(
         self, order: list[ResourceId]
-    ) -> tuple[dict[str, asyncio.Task[tuple[prereq.Missing, ...]]], list[asyncio.Task[None]]]:
-        """Start one batched read per host (every resource's facts, plus what the host lacks
-        of the commands and devices they need), all hosts in parallel, with the libvirt
-        connections opening beside them. Each host's task ends with what that host lacks, so
-        a resource is observed as soon as ITS hosts are read: a slow host holds up only its
-        own resources. Returns (host -> read task, libvirt connection tasks)."""
-        by_host: dict[str, list[Fact[Any]]] = defaultdict(list)
+    ) -> tuple[dict[str, asyncio.Task[None]], list[asyncio.Task[None]]]:
+        """Start one batched read per host (everything every resource reads there: its facts
+        and its prerequisite probes), all hosts in parallel, with the libvirt connections
+        opening beside them. A resource is observed as soon as ITS hosts are read: a slow
+        host holds up only its own resources. Returns (host -> read task, libvirt tasks)."""
+        by_host: dict[str, list[Any]] = defaultdict(list)
         for rid in order:
-            for host, fact in self.graph[rid].facts():
+            for host, fact in self.graph[rid].reads():
                 by_host[host].append(fact)
-        checks = {
-            h: prereq.host_fact(self.ctx.spec, h)
-            for h in self._hosts_of(order, lambda r: bool(r.requirements()))
-        }
-        for h, fact in checks.items():
-            by_host[h].append(fact)
 
-        async def read(host: str, facts: list[Fact[Any]]) -> tuple[prereq.Missing, ...]:
+        async def read(host: str, facts: list[Any]) -> None:
             self.ctx.emit({"event": "observe-host", "host": host})
             try:
                 await self._retry(f"facts on {host}", lambda: self.ctx.facts(host).prefetch(facts))
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
                 log.debug("prefetch on %s failed: %s", host, exc)
-            if host not in checks:
-                return ()
-            try:
-                return await self.ctx.facts(host).get(checks[host])
-            except Exception as exc:  # noqa: BLE001 - the host's own reads report it
-                log.debug("prerequisites of %s unknown: %s", host, exc)
-                return ()
 
         reads = {h: asyncio.ensure_future(read(h, fs)) for h, fs in by_host.items()}
         warming = [asyncio.ensure_future(self._open_libvirt(h)) for h in self._libvirt_hosts(order)]
@@ -219,18 +200,19 @@ class Engine:
         self,
         order: list[ResourceId],
         started: float,
-        reads: dict[str, asyncio.Task[tuple[prereq.Missing, ...]]],
+        reads: dict[str, asyncio.Task[None]],
     ) -> Plan:
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}
 
         async def observe(rid: ResourceId) -> Change | None:
             r = self.graph[rid]
-            needs = r.requirements()
-            lacking = [m for h in r.hosts() if h in reads for m in await reads[h]]
-            missing = [m for m in lacking if m.need in needs]
-            if missing:
-                errors[rid] = "; ".join(self._lacks(m) for m in missing)
+            for h in sorted({*r.hosts(), *(h for h, _ in r.reads())}):
+                if h in reads:
+                    await reads[h]
+            lacking = await r.preconditions(self.ctx)
+            if lacking:
+                errors[rid] = "; ".join(lacking)
                 return None
             async with sem:
                 try:
@@ -249,17 +231,11 @@ class Engine:
             changes, errors, tuple(order), time.monotonic() - started, self._deferred(changes)
         )
 
-    def _lacks(self, m: prereq.Missing) -> str:
-        host = self.ctx.spec.hosts.get(m.host)
-        if host is not None and m.package and m.package in host.packages:
-            return f"{m}; packages:{m.host} installs it first, then this is observed again"
-        return str(m)
-
     def _arrange(self, changes: tuple[Change, ...]) -> tuple[Change, ...]:
         """Each kind looks at its planned changes together (``Resource.arrange``): placement
         orders migrations so that no host's memory is overcommitted on the way."""
         out = list(changes)
-        by_kind: dict[type[Resource[Any]], list[int]] = defaultdict(list)
+        by_kind: dict[type[Node], list[int]] = defaultdict(list)
         for i, c in enumerate(out):
             by_kind[type(self.graph[c.id])].append(i)
         for kind, idx in by_kind.items():
@@ -417,19 +393,11 @@ class Engine:
                 await sem.acquire()
             try:
                 try:
-                    change = await self._recheck(r, planned)
-                except _Blocked as b:
+                    change = await self.mutate(r, planned)
+                except Blocked as b:
                     return Outcome(rid, Status.BLOCKED, planned, error=str(b))
                 if change is None:
                     return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
-                r.log.info("%s: %s", change.action.value, change.reason or "applying")
-                observed = await self._retry(str(rid), lambda: r.apply(change, self.ctx))
-                for h in r.hosts():
-                    self.ctx.invalidate(h)
-                after = r.diff(observed)
-                if not after.is_noop:
-                    fields = ", ".join(d.field for d in after.diffs) or after.reason
-                    raise KvmstateError(f"{rid}: still not converged after apply ({fields})")
             finally:
                 for sem in reversed(sems):
                     sem.release()
@@ -442,8 +410,29 @@ class Engine:
         self.ctx.emit({"event": "apply-done", "id": str(rid), "action": planned.action.value})
         return Outcome(rid, Status.CHANGED, change, elapsed=time.monotonic() - started)
 
-    async def _recheck(self, r: Resource[Any], planned: Change) -> Change | None:
-        """Re-observe right before mutating. None = nothing left to do."""
+    async def mutate(self, r: Node, planned: Change) -> Change | None:
+        """The apply of one node, with no walking around it: re-check right before mutating
+        (refusing if the world moved away from ``planned``; ``Blocked`` if it is blocked
+        now), apply from that observation, and fail unless apply's result diffs as NOOP.
+        Returns the change made, or None when the re-check found nothing left to do."""
+        rechecked = await self._recheck(r, planned)
+        if rechecked is None:
+            return None
+        change, current = rechecked
+        assert not change.blocked  # _recheck raised Blocked: never reaches apply
+        r.log.info("%s: %s", change.action.value, change.reason or "applying")
+        observed = await self._retry(str(r.id), lambda: r.apply(change, current, self.ctx))
+        for h in r.hosts():
+            self.ctx.invalidate(h)
+        after = r.diff(observed)
+        if not after.is_noop:
+            fields = ", ".join(d.field for d in after.diffs) or after.reason
+            raise KvmstateError(f"{r.id}: still not converged after apply ({fields})")
+        return change
+
+    async def _recheck(self, r: Node, planned: Change) -> tuple[Change, Any] | None:
+        """Re-observe right before mutating: (the change to make now, the observation apply
+        starts from). None = nothing left to do."""
         for h in r.hosts():
             self.ctx.invalidate(h)
         observed = await self._retry(str(r.id), lambda: r.recheck(self.ctx))
@@ -458,5 +447,5 @@ class Engine:
                 f"now {fresh.action.value}); run plan again"
             )
         if fresh.blocked:
-            raise _Blocked(fresh.blocked)
-        return fresh
+            raise Blocked(fresh.blocked)
+        return fresh, observed

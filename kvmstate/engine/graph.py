@@ -1,43 +1,33 @@
 """The dependency graph of resources: a networkx DiGraph, edges dependency -> dependent.
 
-Built by two small transforms: expand every kind's resources from the spec, then connect each
-resource to what it ``depends_on`` (and to its hosts' ``packages``). A dependency that is
+Built by three small transforms: expand every kind's resources from the spec, connect each
+resource to what it ``depends_on``, then add the edges a kind draws over the whole graph
+(``Resource.edges``: a host's packages under everything on that host). A dependency that is
 itself ``state: absent`` is reversed (the dependent goes first when both are being removed).
 Cycles and missing nodes are errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import networkx as nx
 
-from kvmstate.errors import Problem, SpecError
+from kvmstate.engine.contract import Node, NodeKind
+from kvmstate.errors import Problem, SpecError, line_of
 from kvmstate.ids import ResourceId
-from kvmstate.resources.base import Resource
-
-_SECTION = {
-    "packages": "hosts",
-    "subvolume": "subvolumes",
-    "export": "exports",
-    "mount": "mounts",
-    "pool": "pools",
-    "volume": "volumes",
-    "domain": "domains",
-    "placement": "domains",
-}
 
 
 class ResourceGraph:
-    def __init__(self, graph: Any, resources: dict[ResourceId, Resource[Any]]) -> None:
+    def __init__(self, graph: Any, resources: dict[ResourceId, Node]) -> None:
         self.g = graph
         self.resources = resources
 
     def __len__(self) -> int:
         return len(self.resources)
 
-    def __getitem__(self, rid: ResourceId) -> Resource[Any]:
+    def __getitem__(self, rid: ResourceId) -> Node:
         return self.resources[rid]
 
     def order(self) -> list[ResourceId]:
@@ -87,24 +77,23 @@ class ResourceGraph:
         return "\n".join(lines) + "\n"
 
 
-def _problem(path: str, rid: ResourceId, message: str) -> Problem:
-    section = _SECTION.get(rid.kind, rid.kind)
-    return Problem(path, None, (section, rid.name), message)
+def _problem(path: str, r: Node, message: str) -> Problem:
+    return Problem(path, None, (r.section, r.name), message)
 
 
 def build_graph(
     spec: Any,
-    kinds: Sequence[type[Resource[Any]]],
+    kinds: Sequence[NodeKind],
     *,
     path: str = "<spec>",
     lines: dict[tuple[str | int, ...], int] | None = None,
 ) -> ResourceGraph:
-    resources: dict[ResourceId, Resource[Any]] = {}
+    resources: dict[ResourceId, Node] = {}
     problems: list[Problem] = []
     for kind in kinds:
         for r in kind.expand(spec):
             if r.id in resources:
-                problems.append(_problem(path, r.id, f"duplicate resource {r.id}"))
+                problems.append(_problem(path, r, f"duplicate resource {r.id}"))
             resources[r.id] = r
     g = nx.DiGraph()
     g.add_nodes_from(resources)
@@ -112,27 +101,22 @@ def build_graph(
         for dep in r.depends_on():
             if dep not in resources:
                 problems.append(
-                    _problem(path, rid, f"{rid} depends on {dep}, which is not in the spec")
+                    _problem(path, r, f"{rid} depends on {dep}, which is not in the spec")
                 )
                 continue
             if resources[dep].absent:
                 if not r.absent:
                     problems.append(
-                        _problem(path, rid, f"{rid} needs {dep}, which the spec says is absent")
+                        _problem(path, r, f"{rid} needs {dep}, which the spec says is absent")
                     )
                     continue
                 g.add_edge(rid, dep)  # removal: the dependent goes first
             else:
                 g.add_edge(dep, rid)
-    # everything on a host stands on that host's packages (what its kind needs may come
-    # from there: the engine observes it again once they are installed)
-    for rid, r in resources.items():
-        if rid.kind == "packages":
-            continue
-        for h in r.hosts():
-            pkgs = ResourceId("packages", h, h)
-            if pkgs in resources:
-                g.add_edge(pkgs, rid)
+    # edges a kind draws over the whole graph (a host's packages under everything on it)
+    for kind in kinds:
+        for dep, rid in kind.edges(resources):
+            g.add_edge(dep, rid)
     if not problems:
         try:
             cycle = nx.find_cycle(g)
@@ -140,19 +124,9 @@ def build_graph(
             cycle = None
         if cycle:
             chain = " -> ".join(str(u) for u, _ in cycle) + f" -> {cycle[0][0]}"
-            problems.append(_problem(path, cycle[0][0], f"dependency cycle: {chain}"))
+            problems.append(_problem(path, resources[cycle[0][0]], f"dependency cycle: {chain}"))
     if problems:
         if lines:
-            from kvmstate.loader import line_of
-
             problems = [Problem(p.file, line_of(lines, p.loc), p.loc, p.message) for p in problems]
         raise SpecError(problems)
     return ResourceGraph(g, resources)
-
-
-def hosts_of(resources: Iterable[Resource[Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for r in resources:
-        for h in r.hosts():
-            seen[h] = None
-    return list(seen)
