@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvmstate.engine import walker
 from kvmstate.engine.contract import Context, Node
 from kvmstate.engine.graph import ResourceGraph
 from kvmstate.errors import (
@@ -83,7 +84,6 @@ class Engine:
         self.graph = graph
         self.ctx = ctx
         self.config = config or EngineConfig()
-        self._host_sems: dict[str, asyncio.Semaphore] = {}
 
     # --- helpers -----------------------------------------------------------------------------
     async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -99,15 +99,6 @@ class Engine:
                 await asyncio.sleep(wait)
                 delay *= 2
         raise AssertionError("unreachable")
-
-    def _sems(self, r: Node) -> list[asyncio.Semaphore]:
-        out = []
-        for h in sorted(set(r.hosts())):
-            sem = self._host_sems.get(h)
-            if sem is None:
-                sem = self._host_sems[h] = asyncio.Semaphore(self.config.host_concurrency)
-            out.append(sem)
-        return out
 
     def _gate(self, change: Change) -> Change:
         if (
@@ -291,25 +282,52 @@ class Engine:
         *,
         first_round: bool,
     ) -> dict[ResourceId, Outcome]:
-        done: dict[ResourceId, asyncio.Future[Outcome]] = {
-            rid: asyncio.get_running_loop().create_future() for rid in self.graph.order()
-        }
+        """One round over the graph with the generic walker: dependencies first, a node whose
+        dependency did not converge is skipped (naming the root cause), ``Change.after``
+        orders a node after others (whatever their outcome), and a node that will mutate
+        holds a slot of each of its hosts (``host_concurrency``)."""
+        order = self.graph.order()
         changes = {c.id: c for c in plan.changes}
+        after = [(a, c.id) for c in plan.changes for a in c.after]
+        may_mutate = {
+            rid
+            for rid in order
+            if rid not in failed
+            and (rid in plan.errors or (rid in changes and not changes[rid].is_noop))
+        }
+        keys = {
+            rid: [f"host:{h}" for h in sorted(set(self.graph[rid].hosts()))] for rid in may_mutate
+        }
+        done: dict[ResourceId, Outcome] = {}
 
-        async def node(rid: ResourceId) -> None:
+        async def visit(rid: ResourceId) -> Outcome:
             if rid in failed:
-                done[rid].set_result(failed[rid])
-                return
+                return failed[rid]
             try:
-                outcome = await self._node(rid, changes, plan, allowed, done, first_round)
-            except BaseException as exc:
-                outcome = Outcome(rid, Status.FAILED, error=describe(exc))
-                done[rid].set_result(outcome)
-                raise
-            done[rid].set_result(outcome)
+                return await self._node(rid, changes, plan, allowed, done, first_round)
+            except Exception as exc:  # noqa: BLE001 - each node catches its own errors
+                return Outcome(rid, Status.FAILED, changes.get(rid), error=describe(exc))
 
-        await asyncio.gather(*(node(rid) for rid in done))
-        return {rid: fut.result() for rid, fut in done.items()}
+        def skip(rid: ResourceId, cause: ResourceId) -> Outcome:
+            return Outcome(
+                rid,
+                Status.SKIPPED,
+                changes.get(rid),
+                cause=cause,
+                error=f"skipped: {cause} did not converge",
+            )
+
+        return await walker.walk(
+            walker.Dag(order, self.graph.edges()),
+            visit,
+            succeeded=lambda o: o.status in (Status.OK, Status.CHANGED),
+            skip=skip,
+            after=after,
+            keys=keys,
+            default_limit=self.config.host_concurrency,
+            blame=lambda rid, o: o.cause or rid,
+            into=done,
+        )
 
     async def _node(
         self,
@@ -317,26 +335,15 @@ class Engine:
         changes: dict[ResourceId, Change],
         plan: Plan,
         allowed: dict[ResourceId, Action],
-        done: dict[ResourceId, asyncio.Future[Outcome]],
+        done: dict[ResourceId, Outcome],
         first_round: bool,
     ) -> Outcome:
-        deps = self.graph.dependencies(rid)
-        dep_outcomes = [await done[d] for d in deps]
-        for d, o in zip(deps, dep_outcomes, strict=True):
-            if o.status in (Status.FAILED, Status.BLOCKED, Status.SKIPPED):
-                cause = o.cause or d
-                return Outcome(
-                    rid,
-                    Status.SKIPPED,
-                    changes.get(rid),
-                    cause=cause,
-                    error=f"skipped: {cause} did not converge",
-                )
+        """The reconcile policy for one node whose dependencies all converged."""
         # Ordered after other changes of this apply (a migration waits for the domains that
         # leave its target first)?
         waits = changes.get(rid)
         for a in waits.after if waits is not None else ():
-            o = await done[a]
+            o = done[a]
             if o.status not in (Status.CHANGED, Status.OK):
                 return Outcome(
                     rid,
@@ -347,9 +354,7 @@ class Engine:
                 )
         # Anything upstream changed in this run (not only direct dependencies: an export
         # restored under a mount, a pool and then a volume)?
-        deps_changed = any(
-            done[a].result().status is Status.CHANGED for a in nx_ancestors(self.graph, rid)
-        )
+        deps_changed = any(done[a].status is Status.CHANGED for a in nx_ancestors(self.graph, rid))
         if rid in plan.errors:
             if not deps_changed:
                 return Outcome(rid, Status.FAILED, error=plan.errors[rid])
@@ -387,20 +392,13 @@ class Engine:
         r = self.graph[rid]
         started = time.monotonic()
         self.ctx.emit({"event": "apply-start", "id": str(rid), "action": planned.action.value})
-        sems = self._sems(r)
         try:
-            for sem in sems:
-                await sem.acquire()
             try:
-                try:
-                    change = await self.mutate(r, planned)
-                except Blocked as b:
-                    return Outcome(rid, Status.BLOCKED, planned, error=str(b))
-                if change is None:
-                    return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
-            finally:
-                for sem in reversed(sems):
-                    sem.release()
+                change = await self.mutate(r, planned)
+            except Blocked as b:
+                return Outcome(rid, Status.BLOCKED, planned, error=str(b))
+            if change is None:
+                return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - each node catches its own errors
             r.log.warning("failed: %s", describe(exc))
             self.ctx.emit({"event": "apply-failed", "id": str(rid), "error": describe(exc)})
