@@ -71,8 +71,7 @@ class RunContext:
         self._facts: dict[str, FactCache] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # memory held on a host by migrations in flight onto it: {host: {domain: bytes}}
-        self.reserved_memory: dict[str, dict[str, int]] = {}
+        self._scratch: dict[str, Any] = {}
         self._memo: dict[tuple[str, Hashable], asyncio.Future[Any]] = {}
         self.memo_enabled = False
 
@@ -109,6 +108,14 @@ class RunContext:
     def end_memo(self) -> None:
         self.memo_enabled = False
         self._memo.clear()
+
+    def scratch(self, kind: str, factory: Callable[[], T]) -> T:
+        """A kind's own state for the length of this run (made by ``factory`` on first use):
+        what one kind shares between its resources, and no other kind sees."""
+        if kind not in self._scratch:
+            self._scratch[kind] = factory()
+        value: T = self._scratch[kind]
+        return value
 
     def semaphore(self, key: str, limit: int) -> asyncio.Semaphore:
         sem = self._semaphores.get(key)

@@ -73,6 +73,12 @@ class PlacementObs:
     memory: TargetMemory | None = None
 
 
+def reserved_memory(ctx: RunContext) -> dict[str, dict[str, int]]:
+    """Memory held on a host by migrations in flight onto it, {host: {domain: bytes}}: the
+    placement kind's scratch state for one run."""
+    return ctx.scratch("placement", dict)
+
+
 class PlacementResource(Resource[PlacementObs]):
     kind = "placement"
     section = "domains"
@@ -152,7 +158,7 @@ class PlacementResource(Resource[PlacementObs]):
         return PlacementObs(host, st.state, target, checks, mem)
 
     async def _target_memory(self, ctx: RunContext, dst: str) -> TargetMemory:
-        held = {n: b for n, b in ctx.reserved_memory.get(dst, {}).items() if n != self.name}
+        held = {n: b for n, b in reserved_memory(ctx).get(dst, {}).items() if n != self.name}
         free = await ctx.facts(dst).get(hostfacts.MEM_AVAILABLE)
         cap = self.spec.hosts[dst].max_guest_memory
         committed = 0
@@ -378,7 +384,7 @@ class PlacementResource(Resource[PlacementObs]):
                 try:
                     await self._migrate_live(ctx, src, dst)
                 finally:
-                    ctx.reserved_memory[dst].pop(self.name, None)
+                    reserved_memory(ctx)[dst].pop(self.name, None)
             else:
                 await self._move_defined(ctx, src, dst)
         return await self.observe(ctx)
@@ -398,7 +404,7 @@ class PlacementResource(Resource[PlacementObs]):
                     "the domain stays where it is"
                 )
             if running:
-                ctx.reserved_memory.setdefault(dst, {})[self.name] = self.d.memory
+                reserved_memory(ctx).setdefault(dst, {})[self.name] = self.d.memory
 
     async def _move_defined(self, ctx: RunContext, src: str, dst: str) -> None:
         slv, dlv = ctx.libvirt(src), ctx.libvirt(dst)

@@ -12,6 +12,7 @@ from fakelab import LAB_SPEC, converge, converge_upto, find, make_spec, plan, ru
 from kvmstate import virt
 from kvmstate.model import Action
 from kvmstate.resources.base import Event, RunContext
+from kvmstate.resources.placement import reserved_memory
 from kvmstate.spec import Spec
 from kvmstate.testing.fake import FakeCluster
 
@@ -209,4 +210,4 @@ def test_target_that_changed_after_the_plan_is_refused_at_apply(
     assert "refused: memory:" in out.error and "; bridges: missing on kvm-2: br0" in out.error
     assert "the domain stays where it is" in out.error
     assert where(cluster) == {"kvm-1": "running"}
-    assert not mctx.reserved_memory.get("kvm-2")
+    assert not reserved_memory(mctx).get("kvm-2")
