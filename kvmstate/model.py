@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal
 
 from kvmstate.ids import ResourceId
 
@@ -20,6 +20,114 @@ class Action(enum.StrEnum):
 
 
 DriftClass = Literal["config", "runtime", "pending-restart"]
+
+
+class Record(Mapping[str, Any]):
+    """A frozen dataclass that also reads as the plain mapping of its fields (shallow): for
+    ``--json``, the journal and callers that index it. Subclasses are frozen dataclasses."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+
+class Payload(Record):
+    """What a kind's ``diff`` hands its own ``apply`` (and ``arrange``) beside the diffs:
+    a typed value per kind (placement's move, the packages still missing)."""
+
+
+class Event(Record):
+    """Something a run reports as it goes; ``kind`` names it (``"event"`` in ``--json``)."""
+
+    kind: ClassVar[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **super().as_dict()}
+
+
+@dataclass(frozen=True)
+class ObserveHost(Event):
+    kind: ClassVar[str] = "observe-host"
+    host: str
+
+
+@dataclass(frozen=True)
+class Observed(Event):
+    kind: ClassVar[str] = "observed"
+    id: str
+    action: str
+
+
+@dataclass(frozen=True)
+class ApplyStart(Event):
+    kind: ClassVar[str] = "apply-start"
+    id: str
+    action: str
+
+
+@dataclass(frozen=True)
+class ApplyDone(Event):
+    kind: ClassVar[str] = "apply-done"
+    id: str
+    action: str
+
+
+@dataclass(frozen=True)
+class ApplyFailed(Event):
+    kind: ClassVar[str] = "apply-failed"
+    id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class MigrationProgress(Event):
+    """libvirt's job statistics of a migration in flight (None: not reported)."""
+
+    kind: ClassVar[str] = "migration-progress"
+    domain: str
+    source: str
+    target: str
+    time_elapsed: int | None = None
+    data_processed: int | None = None
+    data_remaining: int | None = None
+    data_total: int | None = None
+    memory_processed: int | None = None
+    memory_remaining: int | None = None
+    memory_total: int | None = None
+    iteration: int | None = None
+    dirty_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class MigrationDone(Event):
+    kind: ClassVar[str] = "migration-done"
+    domain: str
+    source: str
+    target: str
+    time_elapsed: int | None = None
+    downtime: int | None = None
+
+
+@dataclass(frozen=True)
+class RunReport(Event):
+    """The report of an apply, last in its ``--json`` event stream."""
+
+    kind: ClassVar[str] = "report"
+    report: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Message(Event):
+    kind: ClassVar[str] = "message"
+    text: str
 
 
 @dataclass(frozen=True)
@@ -62,7 +170,7 @@ class Change:
     reason: str = ""
     blocked: str | None = None
     checks: tuple[Check, ...] = ()
-    data: Mapping[str, Any] = field(default_factory=dict)
+    data: Payload | None = None  # the kind's own typed value, for its apply and arrange
     # changes of the same apply this one waits for (a migration onto a host waits for the
     # domains that leave it first)
     after: tuple[ResourceId, ...] = ()

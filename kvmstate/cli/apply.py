@@ -14,6 +14,7 @@ from kvmstate.cli import views, wiring
 from kvmstate.cli.exits import EXIT_ERROR, EXIT_OK
 from kvmstate.cli.parser import typed
 from kvmstate.cli.progress import EventPrinter
+from kvmstate.model import RunReport
 
 if TYPE_CHECKING:
     from kvmstate.engine import Engine
@@ -102,7 +103,7 @@ def apply(args: ApplyArgs, loaded: LoadedSpec, out: Console, err: Console) -> in
             views.plan(out, plan, title=f"kvmstate apply {args.spec}")
         if not plan.has_changes and not plan.errors:
             if args.json:
-                printer({"event": "report", "report": {"converged": True, "outcomes": []}})
+                printer(RunReport({"converged": True, "outcomes": []}))
             else:
                 views.plan(out, plan)
             return EXIT_OK
@@ -119,7 +120,7 @@ def apply(args: ApplyArgs, loaded: LoadedSpec, out: Console, err: Console) -> in
         printer.close()
         journal.record(report, spec_path=args.spec)
         if args.json:
-            printer({"event": "report", "report": report.as_dict()})
+            printer(RunReport(report.as_dict()))
         else:
             views.report(out, report)
         return EXIT_OK if report.converged else EXIT_ERROR

@@ -7,18 +7,26 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from kvmstate.model import (
+    ApplyDone,
+    ApplyFailed,
+    ApplyStart,
+    Event,
+    Message,
+    MigrationDone,
+    MigrationProgress,
+)
 from kvmstate.ui.console import silence_stdout
 from kvmstate.ui.layout import Hanging
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from kvmstate.resources.base import Event  # the engine's events (plain mappings for now)
 
 log = logging.getLogger(__name__)
 
@@ -56,50 +64,49 @@ class EventPrinter:
             return
         if self.console.quiet:
             return
-        kind = event.get("event")
-        if kind == "apply-start":
-            self._line(Text(f"… {event['id']} {event['action']}", style="dim"))
-        elif kind == "apply-done":
-            self._line(Text(f"✓ {event['id']} {event['action']}", style="green"))
-        elif kind == "apply-failed":
-            self._line(Text(f"✗ {event['id']}: {event['error']}", style="red"))
-        elif kind == "migration-progress":
+        if isinstance(event, ApplyStart):
+            self._line(Text(f"… {event.id} {event.action}", style="dim"))
+        elif isinstance(event, ApplyDone):
+            self._line(Text(f"✓ {event.id} {event.action}", style="green"))
+        elif isinstance(event, ApplyFailed):
+            self._line(Text(f"✗ {event.id}: {event.error}", style="red"))
+        elif isinstance(event, MigrationProgress):
             self._migration_progress(event)
-        elif kind == "migration-done":
+        elif isinstance(event, MigrationDone):
             self._migration_done(event)
-        elif kind == "message":
-            self._line(Text(str(event.get("text", ""))))
+        elif isinstance(event, Message):
+            self._line(Text(event.text))
 
-    def _migration_progress(self, event: Event) -> None:
+    def _migration_progress(self, event: MigrationProgress) -> None:
         from kvmstate.units import human_size  # units imports pydantic
 
         if self._progress is None:
             self._progress = _migration_bars(self.console)
             self._progress.start()
-        name = str(event.get("domain"))
-        processed = float(event.get("memory_processed") or event.get("data_processed") or 0)
-        remaining = float(event.get("memory_remaining") or event.get("data_remaining") or 0)
+        name = event.domain
+        processed = float(event.memory_processed or event.data_processed or 0)
+        remaining = float(event.memory_remaining or event.data_remaining or 0)
         total = processed + remaining or None
-        dirty = event.get("dirty_rate")
-        fields = {
+        dirty = event.dirty_rate
+        fields: dict[str, Any] = {
             "name": name,
-            "iteration": event.get("iteration", 0),
+            "iteration": event.iteration or 0,
             "dirty": f"{human_size(float(dirty))}/s" if dirty else "-",
         }
         if name not in self._tasks:
             self._tasks[name] = self._progress.add_task("", total=total, **fields)
         self._progress.update(self._tasks[name], completed=processed, total=total, **fields)
 
-    def _migration_done(self, event: Event) -> None:
-        name = str(event.get("domain"))
+    def _migration_done(self, event: MigrationDone) -> None:
+        name = event.domain
         if self._progress is not None and name in self._tasks:
             self._progress.remove_task(self._tasks.pop(name))
             if not self._tasks:
                 self._progress.stop()
                 self._progress = None
-        total = event.get("time_elapsed")
-        downtime = event.get("downtime")
-        parts = [f"→ {name}: migrated {event.get('source')} → {event.get('target')}"]
+        total = event.time_elapsed
+        downtime = event.downtime
+        parts = [f"→ {name}: migrated {event.source} → {event.target}"]
         if total is not None:
             parts.append(f"in {float(total) / 1000:.2f}s")
         if downtime is not None:

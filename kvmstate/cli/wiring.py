@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     from kvmstate.engine import Engine
     from kvmstate.engine.graph import ResourceGraph
     from kvmstate.loader import LoadedSpec
-    from kvmstate.model import Plan
-    from kvmstate.resources.base import Event
+    from kvmstate.model import Event, Plan
     from kvmstate.transport.base import Libvirt, Shell, Transports
 
 

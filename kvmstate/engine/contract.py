@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from kvmstate.ids import ResourceId
-from kvmstate.model import Change
+from kvmstate.model import Change, Event
 
 
 class Node(Protocol):
@@ -98,7 +98,7 @@ class Context(Protocol):
 
     def end_memo(self) -> None: ...
 
-    def emit(self, event: Mapping[str, Any]) -> None: ...
+    def emit(self, event: Event) -> None: ...
 
     def invalidate(self, host: str) -> None: ...
 

@@ -31,7 +31,19 @@ from kvmstate.errors import (
     TransportError,
 )
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, Outcome, Plan, Report, Status
+from kvmstate.model import (
+    Action,
+    ApplyDone,
+    ApplyFailed,
+    ApplyStart,
+    Change,
+    Observed,
+    ObserveHost,
+    Outcome,
+    Plan,
+    Report,
+    Status,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,7 +178,7 @@ class Engine:
                 by_host[host].append(fact)
 
         async def read(host: str, facts: list[Any]) -> None:
-            self.ctx.emit({"event": "observe-host", "host": host})
+            self.ctx.emit(ObserveHost(host))
             try:
                 await self._retry(f"facts on {host}", lambda: self.ctx.facts(host).prefetch(facts))
             except Exception as exc:  # noqa: BLE001 - reported through each resource's observe
@@ -213,7 +225,7 @@ class Engine:
                     log.debug("observe %s failed", rid, exc_info=True)
                     errors[rid] = describe(exc)
                     return None
-            self.ctx.emit({"event": "observed", "id": str(rid), "action": change.action.value})
+            self.ctx.emit(Observed(str(rid), change.action.value))
             return change
 
         results = await asyncio.gather(*(observe(rid) for rid in order))
@@ -391,7 +403,7 @@ class Engine:
             )
         r = self.graph[rid]
         started = time.monotonic()
-        self.ctx.emit({"event": "apply-start", "id": str(rid), "action": planned.action.value})
+        self.ctx.emit(ApplyStart(str(rid), planned.action.value))
         try:
             try:
                 change = await self.mutate(r, planned)
@@ -401,11 +413,11 @@ class Engine:
                 return Outcome(rid, Status.OK, planned, elapsed=time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - each node catches its own errors
             r.log.warning("failed: %s", describe(exc))
-            self.ctx.emit({"event": "apply-failed", "id": str(rid), "error": describe(exc)})
+            self.ctx.emit(ApplyFailed(str(rid), describe(exc)))
             return Outcome(
                 rid, Status.FAILED, planned, error=describe(exc), elapsed=time.monotonic() - started
             )
-        self.ctx.emit({"event": "apply-done", "id": str(rid), "action": planned.action.value})
+        self.ctx.emit(ApplyDone(str(rid), planned.action.value))
         return Outcome(rid, Status.CHANGED, change, elapsed=time.monotonic() - started)
 
     async def mutate(self, r: Node, planned: Change) -> Change | None:

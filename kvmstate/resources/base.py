@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from kvmstate.checks import Finding
 from kvmstate.facts import Fact, FactCache
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, FieldDiff
+from kvmstate.model import Action, Change, Event, FieldDiff, Payload
 from kvmstate.resources.imports import Existing, Imported, Inventory
 from kvmstate.resources.prereq import Missing, Requirement, probe_fact
 from kvmstate.spec import Spec
@@ -32,8 +32,6 @@ from kvmstate.transport.base import Libvirt, Shell, Transports
 
 ObsT = TypeVar("ObsT")
 T = TypeVar("T")
-
-Event = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -275,7 +273,7 @@ class Resource(ABC, Generic[ObsT]):
         action: Action,
         diffs: Iterable[FieldDiff] = (),
         reason: str = "",
-        **data: Any,
+        data: Payload | None = None,
     ) -> Change:
         return Change(self.id, action, tuple(diffs), reason, data=data)
 

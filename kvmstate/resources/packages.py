@@ -23,7 +23,7 @@ from typing import Any
 from kvmstate.errors import ParseError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change
+from kvmstate.model import Action, Change, Payload
 from kvmstate.resources import prereq
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.resources.common import diff
@@ -39,6 +39,13 @@ APT_TIMEOUT = 1800.0
 @dataclass(frozen=True)
 class PackagesState:
     installed: frozenset[str]  # those of the wanted packages that are installed
+
+
+@dataclass(frozen=True)
+class Install(Payload):
+    """The packages apply installs (what the re-check found missing)."""
+
+    missing: tuple[str, ...]
 
 
 class PackagesResource(Resource[PackagesState]):
@@ -89,13 +96,14 @@ class PackagesResource(Resource[PackagesState]):
             Action.UPDATE,
             [diff("installed", " ".join(present) or "(none)", " ".join(self.wanted))],
             f"apt-get install {' '.join(missing)}",
-            missing=tuple(missing),
+            Install(tuple(missing)),
         )
 
     async def apply(
         self, change: Change, observed: PackagesState | None, ctx: RunContext
     ) -> PackagesState:
-        missing = list(change.data["missing"])
+        assert isinstance(change.data, Install), change
+        missing = list(change.data.missing)
         self.log.info("installing on %s: %s", self.name, " ".join(missing))
         # the engine re-read them right before this: no second dpkg query
         await apt_install(ctx.shell(self.name), missing, timeout=APT_TIMEOUT)

@@ -23,7 +23,7 @@ from kvmstate.checks import covering_mount
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, Check
+from kvmstate.model import Action, Change, Check, MigrationDone, MigrationProgress, Payload
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.domain import domain_hosts, locate
@@ -71,6 +71,22 @@ class PlacementObs:
     target: str
     checks: tuple[Check, ...] = ()
     memory: TargetMemory | None = None
+
+
+@dataclass(frozen=True)
+class Move(Payload):
+    """What a migrate change carries to ``arrange`` and ``apply``."""
+
+    source: str
+    target: str
+    live: bool
+    memory: int  # the domain's memory, in bytes
+    target_memory: TargetMemory | None = None  # the target's, from the pre-flight
+
+
+def _move(c: Change) -> Move:
+    assert isinstance(c.data, Move), c
+    return c.data
 
 
 def reserved_memory(ctx: RunContext) -> dict[str, dict[str, int]]:
@@ -274,8 +290,7 @@ class PlacementResource(Resource[PlacementObs]):
             (diff("host", o.host, o.target, "runtime"),),
             f"{'live-migrate' if live else 'move'} {self.name} {o.host} -> {o.target}",
             checks=o.checks,
-            data={"source": o.host, "target": o.target, "live": live, "memory": self.d.memory}
-            | ({"target_memory": o.memory} if o.memory is not None else {}),
+            data=Move(o.host, o.target, live, self.d.memory, o.memory),
         )
         if failed:
             return ch.with_blocked(
@@ -297,40 +312,45 @@ class PlacementResource(Resource[PlacementObs]):
         moves = {
             c.id: c
             for c in changes
-            if c.action is Action.MIGRATE
-            and "target_memory" in c.data
+            if isinstance(c.data, Move)
+            and c.data.target_memory is not None
             and all(k.ok or k.name == "memory" for k in c.checks)
         }
         if not moves:
             return changes
         mem: dict[str, TargetMemory] = {}
         for c in moves.values():
-            mem.setdefault(c.data["target"], c.data["target_memory"])
+            m = _move(c)
+            assert m.target_memory is not None  # moves has only those
+            mem.setdefault(m.target, m.target_memory)
 
         def shift(host: str, delta: int) -> None:
             if host in mem:
                 m = mem[host]
                 mem[host] = TargetMemory(m.available - delta, m.committed + delta, m.cap)
 
+        def fits(c: Change) -> bool:
+            return mem[_move(c).target].fits(_move(c).memory)
+
         done: list[Change] = []
         after: dict[ResourceId, tuple[ResourceId, ...]] = {}
         todo = sorted(moves.values(), key=lambda c: str(c.id))
-        fits_now = {c.id for c in todo if mem[c.data["target"]].fits(c.data["memory"])}
+        fits_now = {c.id for c in todo if fits(c)}
         while todo:
-            ready = next((c for c in todo if mem[c.data["target"]].fits(c.data["memory"])), None)
+            ready = next((c for c in todo if fits(c)), None)
             if ready is None:
                 break
             todo.remove(ready)
-            dst = ready.data["target"]
+            move = _move(ready)
             if ready.id not in fits_now:
-                after[ready.id] = tuple(d.id for d in done if d.data["source"] == dst)
-            shift(dst, ready.data["memory"])
-            shift(ready.data["source"], -ready.data["memory"])
+                after[ready.id] = tuple(d.id for d in done if _move(d).source == move.target)
+            shift(move.target, move.memory)
+            shift(move.source, -move.memory)
             done.append(ready)
         stuck = {c.id for c in todo}
         out = []
         for c in changes:
-            dst = c.data.get("target")
+            dst = c.data.target if isinstance(c.data, Move) else None
             if c.id in after:
                 first = after[c.id]
                 verb = "leaves" if len(first) == 1 else "leave"
@@ -349,7 +369,9 @@ class PlacementResource(Resource[PlacementObs]):
                     reason=f"{c.reason}, after {leaving}",
                 )
             elif c.id in stuck and c.id not in fits_now:
-                now = moves[c.id].data["target_memory"].describe(dst, c.data["memory"])
+                target_memory = _move(moves[c.id]).target_memory
+                assert target_memory is not None and dst is not None
+                now = target_memory.describe(dst, _move(c).memory)
                 c = c.with_blocked(
                     f"pre-flight failed: memory: no order of this apply's migrations makes room "
                     f"for {c.id.name} on {dst} ({now}); move a domain off {dst} first "
@@ -485,19 +507,13 @@ class PlacementResource(Resource[PlacementObs]):
         if self.d.autostart:  # autostart is host-local: it does not travel with the guest
             await dlv.run(virt.set_domain_autostart, dconn, self.name, True)
         stats = await dlv.run(virt.completed_job, dconn, self.name)
-        done: dict[str, Any] = {
-            "event": "migration-done",
-            "domain": self.name,
-            "source": src,
-            "target": dst,
-        }
-        done.update(time_elapsed=stats.get("time_elapsed"), downtime=stats.get("downtime"))
+        done = MigrationDone(self.name, src, dst, stats.get("time_elapsed"), stats.get("downtime"))
         self.log.info(
             "migrated %s to %s (%s ms, downtime %s ms)",
             self.name,
             dst,
-            done["time_elapsed"],
-            done["downtime"],
+            done.time_elapsed,
+            done.downtime,
         )
         ctx.emit(done)
 
@@ -533,19 +549,18 @@ class PlacementResource(Resource[PlacementObs]):
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(task), timeout=60)
 
-    def _progress(self, s: dict[str, Any], src: str, dst: str) -> dict[str, Any]:
-        return {
-            "event": "migration-progress",
-            "domain": self.name,
-            "source": src,
-            "target": dst,
-            "time_elapsed": s.get("time_elapsed"),
-            "data_processed": s.get("data_processed"),
-            "data_remaining": s.get("data_remaining"),
-            "data_total": s.get("data_total"),
-            "memory_processed": s.get("memory_processed"),
-            "memory_remaining": s.get("memory_remaining"),
-            "memory_total": s.get("memory_total"),
-            "iteration": s.get("memory_iteration"),
-            "dirty_rate": s.get("memory_dirty_rate"),
-        }
+    def _progress(self, s: dict[str, Any], src: str, dst: str) -> MigrationProgress:
+        return MigrationProgress(
+            self.name,
+            src,
+            dst,
+            time_elapsed=s.get("time_elapsed"),
+            data_processed=s.get("data_processed"),
+            data_remaining=s.get("data_remaining"),
+            data_total=s.get("data_total"),
+            memory_processed=s.get("memory_processed"),
+            memory_remaining=s.get("memory_remaining"),
+            memory_total=s.get("memory_total"),
+            iteration=s.get("memory_iteration"),
+            dirty_rate=s.get("memory_dirty_rate"),
+        )

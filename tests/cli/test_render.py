@@ -10,7 +10,20 @@ from rich.console import Console
 from kvmstate.cli import views
 from kvmstate.cli.progress import EventPrinter
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
+from kvmstate.model import (
+    Action,
+    ApplyDone,
+    ApplyStart,
+    Change,
+    Check,
+    FieldDiff,
+    MigrationDone,
+    MigrationProgress,
+    Outcome,
+    Plan,
+    Report,
+    Status,
+)
 from kvmstate.ui.console import make_console
 
 
@@ -118,24 +131,18 @@ def test_event_printer_shows_migration_result_with_downtime() -> None:
     buf, console = _console()
     printer = EventPrinter(console)
     printer(
-        {
-            "event": "migration-progress",
-            "domain": "web",
-            "memory_processed": 10 << 20,
-            "memory_remaining": 20 << 20,
-            "iteration": 1,
-            "dirty_rate": 0,
-        }
+        MigrationProgress(
+            "web",
+            "kvm-1",
+            "kvm-2",
+            memory_processed=10 << 20,
+            memory_remaining=20 << 20,
+            iteration=1,
+            dirty_rate=0,
+        )
     )
     printer(
-        {
-            "event": "migration-done",
-            "domain": "web",
-            "source": "kvm-1",
-            "target": "kvm-2",
-            "time_elapsed": 2300,
-            "downtime": 120,
-        }
+        MigrationDone(domain="web", source="kvm-1", target="kvm-2", time_elapsed=2300, downtime=120)
     )
     printer.close()
     assert "→ web: migrated kvm-1 → kvm-2, in 2.30s, downtime 120 ms" in buf.getvalue()
@@ -145,8 +152,8 @@ def test_event_printer_json_mode_writes_one_object_per_line() -> None:
     buf, console = _console()
     out = io.StringIO()
     printer = EventPrinter(console, json_out=out)
-    printer({"event": "apply-start", "id": "pool:kvm-1:images", "action": "create"})
-    printer({"event": "apply-done", "id": "pool:kvm-1:images", "action": "create"})
+    printer(ApplyStart(id="pool:kvm-1:images", action="create"))
+    printer(ApplyDone(id="pool:kvm-1:images", action="create"))
     lines = out.getvalue().splitlines()
     assert [line.count("\n") for line in lines] == [0, 0]
     assert '"event": "apply-done"' in lines[1]
@@ -164,9 +171,9 @@ def test_a_reader_that_went_away_never_breaks_a_run() -> None:
     console = Console(file=_Gone(), width=80)
     for json_out in (_Gone(), None):  # --json events, then the human display
         printer = EventPrinter(console, json_out=json_out)
-        printer({"event": "apply-start", "id": "placement:web", "action": "migrate"})
-        printer({"event": "migration-progress", "domain": "web", "memory_processed": 1})
-        printer({"event": "apply-done", "id": "placement:web", "action": "migrate"})
+        printer(ApplyStart(id="placement:web", action="migrate"))
+        printer(MigrationProgress("web", "kvm-1", "kvm-2", memory_processed=1))
+        printer(ApplyDone(id="placement:web", action="migrate"))
         assert printer.json_out is None and console.quiet
 
 

@@ -26,7 +26,22 @@ from kvmstate.engine.graph import build_graph
 from kvmstate.errors import Problem
 from kvmstate.ids import ResourceId
 from kvmstate.loader import parse_spec_text
-from kvmstate.model import Action, Change, Check, FieldDiff, Outcome, Plan, Report, Status
+from kvmstate.model import (
+    Action,
+    ApplyDone,
+    ApplyFailed,
+    ApplyStart,
+    Change,
+    Check,
+    FieldDiff,
+    Message,
+    MigrationDone,
+    MigrationProgress,
+    Outcome,
+    Plan,
+    Report,
+    Status,
+)
 from kvmstate.resources import KINDS
 from kvmstate.testing.fake import FakeCluster, FakeMount
 from kvmstate.ui.console import make_console
@@ -272,20 +287,11 @@ def test_apply_events_and_the_migration_line_fit() -> None:
     buf, out = console()
     printer = EventPrinter(out)
     vid = f"volume:{KVM1}:{VOLUME}"
-    printer({"event": "apply-start", "id": vid, "action": "create"})
-    printer({"event": "apply-done", "id": vid, "action": "create"})
-    printer({"event": "apply-failed", "id": vid, "error": f"{KVM1}: qemu-img: {POOL_PATH}: no"})
-    printer({"event": "message", "text": f"waiting for {GUEST} to boot on {KVM2} " * 2})
-    printer(
-        {
-            "event": "migration-done",
-            "domain": GUEST,
-            "source": KVM1,
-            "target": KVM2,
-            "time_elapsed": 2300,
-            "downtime": 120,
-        }
-    )
+    printer(ApplyStart(id=vid, action="create"))
+    printer(ApplyDone(id=vid, action="create"))
+    printer(ApplyFailed(id=vid, error=f"{KVM1}: qemu-img: {POOL_PATH}: no"))
+    printer(Message(text=f"waiting for {GUEST} to boot on {KVM2} " * 2))
+    printer(MigrationDone(domain=GUEST, source=KVM1, target=KVM2, time_elapsed=2300, downtime=120))
     printer.close()
     assert_fits(
         buf.getvalue(),
@@ -300,14 +306,15 @@ def test_migration_progress_bar_fits_with_a_long_domain_name() -> None:
     _, out = console()
     printer = EventPrinter(out)
     printer(
-        {
-            "event": "migration-progress",
-            "domain": GUEST,
-            "memory_processed": 1536 << 20,
-            "memory_remaining": 2560 << 20,
-            "iteration": 12,
-            "dirty_rate": 250 << 20,
-        }
+        MigrationProgress(
+            GUEST,
+            "kvm-1",
+            "kvm-2",
+            memory_processed=1536 << 20,
+            memory_remaining=2560 << 20,
+            iteration=12,
+            dirty_rate=250 << 20,
+        )
     )
     assert printer._progress is not None
     shown, view = console()

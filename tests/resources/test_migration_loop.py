@@ -140,7 +140,7 @@ def test_progress_events_downtime_and_completion() -> None:
     assert progress and all(e["domain"] == "guest" for e in progress)
     assert {"data_processed", "data_remaining", "iteration", "dirty_rate"} <= set(progress[-1])
     assert progress[-1]["data_remaining"] < 100
-    assert events[-1] == {
+    assert dict(events[-1]) == {
         "event": "migration-done",
         "domain": "guest",
         "source": "kvm-1",
