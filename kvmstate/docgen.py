@@ -10,10 +10,13 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+
+if TYPE_CHECKING:
+    from kvmstate.resources.registry import Registry
 
 
 def _type_name(tp: Any) -> str:
@@ -63,7 +66,7 @@ def _default(field: Any) -> str:
     return f"`{json.dumps(field.default)}`"
 
 
-def spec_reference() -> str:
+def spec_reference(registry: Registry | None = None) -> str:
     out = [
         "# Spec reference",
         "",
@@ -76,7 +79,7 @@ def spec_reference() -> str:
     ]
     from kvmstate.resources import REGISTRY
 
-    for where, model, text in ((d.where, d.model, d.text) for d in REGISTRY.docs()):
+    for where, model, text in ((d.where, d.model, d.text) for d in (registry or REGISTRY).docs()):
         out += [f"## `{where}` — {model.__name__}", "", text, "", "| field | type | default | |"]
         out.append("|---|---|---|---|")
         for name, field in model.model_fields.items():
@@ -88,10 +91,10 @@ def spec_reference() -> str:
     return "\n".join(out)
 
 
-def json_schema() -> str:
+def json_schema(registry: Registry | None = None) -> str:
     from kvmstate.resources import REGISTRY
 
-    schema = REGISTRY.spec_model.model_json_schema()
+    schema = (registry or REGISTRY).spec_model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "kvmstate spec"
     return json.dumps(schema, indent=2) + "\n"

@@ -80,11 +80,26 @@ def list_libvirt(conn: Any) -> tuple[list[PoolInfo], list[VolumeInfo], list[Doma
     return pools, volumes, domains
 
 
-async def gather_host(transports: Transports, host: str, address: str) -> Inventory:
-    shell = transports.shell(host)
-    fstab_res, mountinfo_res, exports_res = await shell.run_many(
-        [hostfacts.FSTAB.argv, hostfacts.MOUNTINFO.argv, hostfacts.EXPORTS.argv]
+async def gather_host(
+    transports: Transports,
+    host: str,
+    address: str,
+    kinds: Sequence[type[Resource[Any]]] | None = None,
+) -> Inventory:
+    """Read one host: fstab, mountinfo and /etc/exports plus every kind's own import facts
+    (``Resource.import_facts``) in one batched round trip; libvirt's pools, volumes and
+    domains in one call; the volumes' owners in one more batch."""
+    from kvmstate.resources import KINDS
+
+    extra = list(
+        {f.name: f for k in (KINDS if kinds is None else kinds) for f in k.import_facts()}.values()
     )
+    shell = transports.shell(host)
+    fstab_res, mountinfo_res, exports_res, *extra_res = await shell.run_many(
+        [hostfacts.FSTAB.argv, hostfacts.MOUNTINFO.argv, hostfacts.EXPORTS.argv]
+        + [f.argv for f in extra]
+    )
+    facts = {f.name: f.parse(res) for f, res in zip(extra, extra_res, strict=True)}
     fstab_text = hostfacts.FSTAB.parse(fstab_res)
     mountinfo = hostfacts.MOUNTINFO.parse(mountinfo_res)
     exports_text = hostfacts.EXPORTS.parse(exports_res)
@@ -121,12 +136,19 @@ async def gather_host(transports: Transports, host: str, address: str) -> Invent
         volumes,
         domains,
         notes,
+        facts,
     )
 
 
-async def gather(transports: Transports, hosts: Mapping[str, str]) -> list[Inventory]:
+async def gather(
+    transports: Transports,
+    hosts: Mapping[str, str],
+    kinds: Sequence[type[Resource[Any]]] | None = None,
+) -> list[Inventory]:
     """Every host read in parallel; the first host that cannot be read fails the import."""
-    return list(await asyncio.gather(*(gather_host(transports, h, a) for h, a in hosts.items())))
+    return list(
+        await asyncio.gather(*(gather_host(transports, h, a, kinds) for h, a in hosts.items()))
+    )
 
 
 # --- inventories -> spec data --------------------------------------------------------------------

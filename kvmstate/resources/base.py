@@ -171,6 +171,13 @@ class Resource(ABC, Generic[ObsT]):
         return frozenset()
 
     @classmethod
+    def import_facts(cls) -> Sequence[Fact[Any]]:
+        """What ``kvmstate import`` reads on each host for this kind, beyond what every
+        inventory has (fstab, mountinfo, exports, libvirt's objects); the values reach
+        ``import_into`` in ``Inventory.facts[fact.name]``. Default: nothing."""
+        return ()
+
+    @classmethod
     def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
         """``kvmstate import``: add to ``out.data[cls.section]`` an entry for each thing of
         this kind the hosts have (in the shapes ``diff`` compares, so that a plan of the

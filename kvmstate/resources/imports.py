@@ -53,6 +53,8 @@ class Inventory:
     volumes: list[VolumeInfo] = field(default_factory=list)
     domains: list[DomainInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the values of the kinds' own import facts (``Resource.import_facts``), by fact name
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
