@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any
-
 import pytest
 from fakelab import converge, converge_upto, find, plan, resources, run
 
+from kvmstate.engine import Engine
+from kvmstate.engine.graph import build_graph
 from kvmstate.errors import HostUnreachable, ParseError, TransportError
-from kvmstate.facts import Fact
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import Spec
@@ -46,16 +44,12 @@ def test_observing_a_converged_cluster_is_one_round_trip_per_host(
         h.round_trips = 0
 
     async def observe_all() -> None:
-        wanted: dict[str, list[Fact[Any]]] = defaultdict(list)
-        all_res = [r for k in KINDS for r in k.expand(spec)]
-        for r in all_res:
-            for host, fact in r.facts():
-                wanted[host].append(fact)
-        for host, facts in wanted.items():  # what the engine does before observing
-            await fresh.facts(host).prefetch(facts)
-        for r in all_res:
-            if r.kind in ("subvolume", "export", "mount", "pool"):
-                assert r.diff(await r.observe(fresh)).is_noop
+        # the engine's own plan of the shell-read kinds: one batched read per host, then
+        # every resource observed
+        kinds = [k for k in KINDS if k.kind in ("subvolume", "export", "mount", "pool")]
+        plan = await Engine(build_graph(spec, kinds), fresh).plan()
+        assert not plan.errors
+        assert len(plan.changes) == 6 and all(c.is_noop for c in plan.changes)
 
     run(observe_all())
     assert cluster.round_trips() == {"storage": 1, "kvm-1": 1, "kvm-2": 1}
