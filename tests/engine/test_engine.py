@@ -385,3 +385,13 @@ def test_unobservable_node_with_nothing_repaired_fails() -> None:
     report = run(engine(world).apply())
     assert report.outcomes[0].status is Status.FAILED
     assert "stale file handle" in (report.outcomes[0].error or "")
+
+
+def test_resource_ids_sort_the_way_they_print() -> None:
+    ids = [
+        ResourceId("pool", "a", "kvm-2"),
+        ResourceId("pool", "b", "kvm-1"),
+        ResourceId("domain", "web"),
+    ]
+    assert [str(i) for i in sorted(ids)] == sorted(str(i) for i in ids)
+    assert all(ResourceId.parse(str(i)) == i for i in ids)
