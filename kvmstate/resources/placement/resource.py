@@ -11,10 +11,8 @@ defining it on the target first, then undefining it on the source (undone on fai
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvmstate import hostfacts, virt
@@ -23,45 +21,15 @@ from kvmstate.checks import covering_mount
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.facts import Fact
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, Check, MigrationDone, MigrationProgress, Payload
+from kvmstate.model import Action, Change, Check
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.domain import domain_hosts, locate
+from kvmstate.resources.placement.migrate import LiveMigration
+from kvmstate.resources.placement.schedule import Move, TargetMemory, arrange_migrations
 from kvmstate.spec import Domain, MigrationPolicy, Spec
 
 T = TypeVar("T")
-
-
-def _log_failure(log: Any, what: str) -> Callable[[asyncio.Future[Any]], None]:
-    def done(fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            log.debug("%s failed: %s", what, fut.exception())
-
-    return done
-
-
-MiB = 2**20
-
-
-@dataclass(frozen=True)
-class TargetMemory:
-    """Memory on a migration's target, net of what migrations in flight onto it hold."""
-
-    available: int  # MemAvailable minus in-flight reservations
-    committed: int  # memory of the domains running there, in-flight reservations included
-    cap: int | None  # the host's max_guest_memory
-
-    def fits(self, need: int) -> bool:
-        return need <= self.available and (self.cap is None or self.committed + need <= self.cap)
-
-    def describe(self, host: str, need: int) -> str:
-        text = f"{self.available // MiB} MiB available on {host}"
-        if self.cap is not None:
-            text += (
-                f", guests there use {self.committed // MiB} of {self.cap // MiB} MiB "
-                "(max_guest_memory)"
-            )
-        return f"{text}, guest needs {need // MiB} MiB"
 
 
 @dataclass(frozen=True)
@@ -71,22 +39,6 @@ class PlacementObs:
     target: str
     checks: tuple[Check, ...] = ()
     memory: TargetMemory | None = None
-
-
-@dataclass(frozen=True)
-class Move(Payload):
-    """What a migrate change carries to ``arrange`` and ``apply``."""
-
-    source: str
-    target: str
-    live: bool
-    memory: int  # the domain's memory, in bytes
-    target_memory: TargetMemory | None = None  # the target's, from the pre-flight
-
-
-def _move(c: Change) -> Move:
-    assert isinstance(c.data, Move), c
-    return c.data
 
 
 def reserved_memory(ctx: RunContext) -> dict[str, dict[str, int]]:
@@ -300,90 +252,7 @@ class PlacementResource(Resource[PlacementObs]):
 
     @classmethod
     def arrange(cls, changes: tuple[Change, ...]) -> tuple[Change, ...]:
-        """Order live migrations so that no target runs short of memory on the way.
-
-        Simulated one at a time on the pre-flight numbers: a migration whose target is too
-        full now, but has room once domains leaving it are gone (two domains swapping hosts),
-        waits for those (``Change.after``) instead of being blocked. One that fits in no order
-        (a swap between two full hosts) stays blocked with that reason. At apply time every
-        migration checks its target again under a per-host lock and reserves its memory there
-        until it is done, so concurrent ones never add up past what the host has.
-        """
-        moves = {
-            c.id: c
-            for c in changes
-            if isinstance(c.data, Move)
-            and c.data.target_memory is not None
-            and all(k.ok or k.name == "memory" for k in c.checks)
-        }
-        if not moves:
-            return changes
-        mem: dict[str, TargetMemory] = {}
-        for c in moves.values():
-            m = _move(c)
-            assert m.target_memory is not None  # moves has only those
-            mem.setdefault(m.target, m.target_memory)
-
-        def shift(host: str, delta: int) -> None:
-            if host in mem:
-                m = mem[host]
-                mem[host] = TargetMemory(m.available - delta, m.committed + delta, m.cap)
-
-        def fits(c: Change) -> bool:
-            return mem[_move(c).target].fits(_move(c).memory)
-
-        done: list[Change] = []
-        after: dict[ResourceId, tuple[ResourceId, ...]] = {}
-        todo = sorted(moves.values(), key=lambda c: str(c.id))
-        fits_now = {c.id for c in todo if fits(c)}
-        while todo:
-            ready = next((c for c in todo if fits(c)), None)
-            if ready is None:
-                break
-            todo.remove(ready)
-            move = _move(ready)
-            if ready.id not in fits_now:
-                after[ready.id] = tuple(d.id for d in done if _move(d).source == move.target)
-            shift(move.target, move.memory)
-            shift(move.source, -move.memory)
-            done.append(ready)
-        stuck = {c.id for c in todo}
-        out = []
-        for c in changes:
-            dst = c.data.target if isinstance(c.data, Move) else None
-            if c.id in after:
-                first = after[c.id]
-                verb = "leaves" if len(first) == 1 else "leave"
-                leaving = f"{', '.join(a.name for a in first)} {verb} {dst}"
-                checks = tuple(
-                    Check(k.name, True, f"{k.detail}: room once {leaving}")
-                    if k.name == "memory"
-                    else k
-                    for k in c.checks
-                )
-                c = replace(
-                    c,
-                    blocked=None,
-                    after=first,
-                    checks=checks,
-                    reason=f"{c.reason}, after {leaving}",
-                )
-            elif c.id in stuck and c.id not in fits_now:
-                target_memory = _move(moves[c.id]).target_memory
-                assert target_memory is not None and dst is not None
-                now = target_memory.describe(dst, _move(c).memory)
-                c = c.with_blocked(
-                    f"pre-flight failed: memory: no order of this apply's migrations makes room "
-                    f"for {c.id.name} on {dst} ({now}); move a domain off {dst} first "
-                    "(two full hosts swapping domains need a third host)"
-                )
-            elif c.id in stuck:
-                c = c.with_blocked(
-                    f"pre-flight failed: memory: {dst} cannot take {c.id.name} "
-                    "together with the other migrations onto it"
-                )
-            out.append(c)
-        return tuple(out)
+        return arrange_migrations(changes)
 
     async def apply(
         self, change: Change, observed: PlacementObs | None, ctx: RunContext
@@ -444,123 +313,6 @@ class PlacementResource(Resource[PlacementObs]):
         await dlv.run(virt.set_domain_autostart, dconn, self.name, self.d.autostart)
 
     async def _migrate_live(self, ctx: RunContext, src: str, dst: str) -> None:
-        p = self.policy
-        slv, dlv = ctx.libvirt(src), ctx.libvirt(dst)
-        sconn, dconn = await slv.connect(), await dlv.connect()
-        postcopy = p.postcopy is not None or p.on_timeout == "postcopy"
-        flags = virt.migration_flags(
-            p.live is not False,
-            auto_converge=bool(p.auto_converge),
-            postcopy=postcopy,
-            parallel=bool(p.parallel_connections),
-            compressed=bool(p.compressed),
-        )
-        params = virt.migration_params(p.bandwidth, p.parallel_connections)
-        self.log.info("live-migrating %s %s -> %s", self.name, src, dst)
-        task = asyncio.ensure_future(slv.run(virt.migrate, sconn, dconn, self.name, params, flags))
-        loop = asyncio.get_running_loop()
-        start, downtime, switched = loop.time(), None, False
-        tuning: asyncio.Future[Any] | None = None  # one policy call in flight at most
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=self.poll_interval)
-                if task.done():
-                    break
-                elapsed = loop.time() - start
-                late = p.postcopy is not None and elapsed >= p.postcopy
-                timed_out = p.timeout is not None and elapsed >= p.timeout
-                if (
-                    postcopy
-                    and not switched
-                    and (late or (timed_out and p.on_timeout == "postcopy"))
-                ):
-                    self.log.info("switching %s to post-copy after %.1fs", self.name, elapsed)
-                    await self._bounded(slv.run(virt.start_postcopy, sconn, self.name))
-                    switched = True
-                elif timed_out and not switched:
-                    await self._abort(slv, sconn, task)
-                    raise KvmstateError(
-                        f"migration of {self.name} {src} -> {dst} timed out after "
-                        f"{p.timeout:g}s; aborted, the domain is still running on {src}"
-                    )
-                # Progress and policy calls must never hold up the timeout above: libvirt can
-                # make them wait for its job lock (before the migration's perform phase).
-                stats = await self._bounded(slv.run(virt.job_progress, sconn, self.name))
-                if not stats:
-                    continue  # not migrating memory yet
-                ctx.emit(self._progress(stats, src, dst))
-                want_dt = self._downtime_at(elapsed)
-                if (
-                    want_dt is not None
-                    and want_dt != downtime
-                    and (tuning is None or tuning.done())
-                ):
-                    downtime = want_dt
-                    tuning = asyncio.ensure_future(
-                        slv.run(virt.set_max_downtime, sconn, self.name, int(want_dt * 1000))
-                    )
-                    tuning.add_done_callback(_log_failure(self.log, "max downtime"))
-            await task
-        except asyncio.CancelledError:
-            await self._abort(slv, sconn, task)
-            raise
-        if self.d.autostart:  # autostart is host-local: it does not travel with the guest
-            await dlv.run(virt.set_domain_autostart, dconn, self.name, True)
-        stats = await dlv.run(virt.completed_job, dconn, self.name)
-        done = MigrationDone(self.name, src, dst, stats.get("time_elapsed"), stats.get("downtime"))
-        self.log.info(
-            "migrated %s to %s (%s ms, downtime %s ms)",
-            self.name,
-            dst,
-            done.time_elapsed,
-            done.downtime,
-        )
-        ctx.emit(done)
-
-    async def _bounded(self, aw: Awaitable[T], seconds: float = 2.0) -> T | None:
-        """A progress or policy call, given up after ``seconds`` (its thread finishes later)."""
-        fut = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait({fut}, timeout=seconds)
-        if not done:
-            fut.add_done_callback(_log_failure(self.log, "late libvirt call"))
-            return None
-        try:
-            return fut.result()
-        except KvmstateError as e:
-            self.log.debug("%s: %s", self.name, e)
-            return None
-
-    def _downtime_at(self, elapsed: float) -> float | None:
-        dt = self.policy.max_downtime
-        for step in self.policy.downtime_steps or []:
-            if elapsed >= step.after:
-                dt = step.max_downtime
-        return dt
-
-    async def _abort(self, slv: Any, sconn: Any, task: asyncio.Future[Any]) -> None:
-        """Abort the job and wait for migrate3 to return, so the caller reports where the
-        domain really is; retried while libvirt has no abortable job yet."""
-        self.log.warning("aborting migration of %s", self.name)
-        for _ in range(20):
-            await self._bounded(slv.run(virt.abort_job, sconn, self.name), 5.0)
-            done, _ = await asyncio.wait({task}, timeout=3.0)
-            if done:
-                break
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(asyncio.shield(task), timeout=60)
-
-    def _progress(self, s: dict[str, Any], src: str, dst: str) -> MigrationProgress:
-        return MigrationProgress(
-            self.name,
-            src,
-            dst,
-            time_elapsed=s.get("time_elapsed"),
-            data_processed=s.get("data_processed"),
-            data_remaining=s.get("data_remaining"),
-            data_total=s.get("data_total"),
-            memory_processed=s.get("memory_processed"),
-            memory_remaining=s.get("memory_remaining"),
-            memory_total=s.get("memory_total"),
-            iteration=s.get("memory_iteration"),
-            dirty_rate=s.get("memory_dirty_rate"),
-        )
+        migration = LiveMigration(self.name, self.policy, self.d.autostart, self.log)
+        migration.poll_interval = self.poll_interval
+        await migration.run(ctx, src, dst)
