@@ -15,7 +15,7 @@ from sshd_server import LocalSSHD
 
 from kvmstate.errors import HostUnreachable, ParseError, TransportError
 from kvmstate.transport.real import RealTransports
-from kvmstate.transport.ssh import batch_script, parse_batch_output, remote_command
+from kvmstate.transport.batch import batch_script, parse_batch_output, remote_command
 
 Body = Callable[[RealTransports], Awaitable[Any]]
 
