@@ -14,8 +14,8 @@ import pytest
 from sshd_server import LocalSSHD
 
 from kvmstate.errors import HostUnreachable, ParseError, TransportError
-from kvmstate.transport.real import RealTransports
 from kvmstate.transport.batch import batch_script, parse_batch_output, remote_command
+from kvmstate.transport.real import RealTransports
 
 Body = Callable[[RealTransports], Awaitable[Any]]
 
