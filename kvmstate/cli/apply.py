@@ -115,7 +115,7 @@ def apply(args: ApplyArgs, loaded: LoadedSpec, out: Console, err: Console) -> in
                 out.print("Apply cancelled; nothing was changed.")
                 return EXIT_ERROR
         report = await engine.apply(plan)
-        from kvmstate import journal
+        from kvmstate.ops import journal
 
         printer.close()
         journal.record(report, spec_path=args.spec)

@@ -28,7 +28,7 @@ class DriftArgs:
 
 
 def cmd_drift(ns: argparse.Namespace, out: Console, err: Console) -> int:
-    from kvmstate import metrics
+    from kvmstate.ops import metrics
 
     args = typed(DriftArgs, ns)
     loaded = wiring.load(args.spec)

@@ -111,7 +111,7 @@ def local_lock(
     loaded: LoadedSpec, err: Console, *, command: str, timeout: float, exclusive: bool
 ) -> contextlib.AbstractContextManager[None]:
     """This machine's run lock for the cluster (shared for read-only commands)."""
-    from kvmstate.runlock import cluster_key, local_lock
+    from kvmstate.ops.runlock import cluster_key, local_lock
 
     key = cluster_key({n: h.address for n, h in loaded.spec.hosts.items()})
     return local_lock(
@@ -127,7 +127,7 @@ def cluster_lock(
     transports: Transports, loaded: LoadedSpec, err: Console, *, command: str, timeout: float
 ) -> contextlib.AbstractAsyncContextManager[str]:
     """The cluster-wide run lock, held on the storage host."""
-    from kvmstate.clusterlock import cluster_lock
+    from kvmstate.ops.clusterlock import cluster_lock
 
     return cluster_lock(
         transports, loaded.spec, command=command, timeout=timeout, on_wait=_waiting(err, timeout)

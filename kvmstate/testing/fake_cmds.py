@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvmstate.clusterlock import LOCK_SCRIPT
 from kvmstate.errors import KvmstateError
 from kvmstate.nfsexports import EXPORTS_D_SCRIPT
+from kvmstate.ops.clusterlock import LOCK_SCRIPT
 from kvmstate.resources import prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 

@@ -37,8 +37,8 @@ ONLY_WHEN_NEEDED = (
     "kvmstate.cli.importing",  # import
     "kvmstate.ops.drift",  # drift
     "kvmstate.ops.evacuate",  # evacuate
-    "kvmstate.journal",  # apply
-    "kvmstate.metrics",  # drift --textfile
+    "kvmstate.ops.journal",  # apply
+    "kvmstate.ops.metrics",  # drift --textfile
     "kvmstate.testing",  # tests
 )
 

@@ -543,13 +543,13 @@ Run = Callable[..., tuple[int, str, str]]
 def on_fake_cluster(
     long_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> Iterator[tuple[Run, FakeCluster]]:
-    import kvmstate.clusterlock
+    import kvmstate.ops.clusterlock
     import kvmstate.transport.real
 
     cluster = FakeCluster(parse_spec_text(LONG_SPEC).spec)
     _prepare(cluster)
     monkeypatch.setattr(kvmstate.transport.real, "RealTransports", lambda spec: _Kept(cluster))
-    monkeypatch.setattr(kvmstate.clusterlock, "cluster_lock", _no_cluster_lock)
+    monkeypatch.setattr(kvmstate.ops.clusterlock, "cluster_lock", _no_cluster_lock)
     monkeypatch.setenv("KVMSTATE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("NO_COLOR", "1")
 

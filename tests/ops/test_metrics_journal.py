@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmstate import journal, metrics
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, FieldDiff, Outcome, Plan, Report, Status
+from kvmstate.ops import journal, metrics
 
 
 def _plan() -> Plan:

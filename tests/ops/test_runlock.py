@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmstate import runlock
+from kvmstate.ops import runlock
 
 HOLD = """
 import os, sys, time
-from kvmstate.runlock import local_lock
+from kvmstate.ops.runlock import local_lock
 with local_lock(sys.argv[1], command="kvmstate apply held.yaml"):
     print("held", flush=True)
     time.sleep(60)

@@ -174,7 +174,7 @@ def test_drift_exits_1_when_it_cannot_tell(converged: Lab, tmp_path: Path) -> No
 
 HOLD_LOCK = """
 import sys, time
-from kvmstate.runlock import cluster_key, local_lock
+from kvmstate.ops.runlock import cluster_key, local_lock
 from kvmstate.loader import load_spec
 spec = load_spec(sys.argv[1]).spec
 key = cluster_key({n: h.address for n, h in spec.hosts.items()})
@@ -260,7 +260,7 @@ def test_two_concurrent_applies_one_waits_for_the_other(converged: Lab, tmp_path
 
 HOLD_CLUSTER_LOCK = """
 import asyncio, sys
-from kvmstate.clusterlock import cluster_lock
+from kvmstate.ops.clusterlock import cluster_lock
 from kvmstate.loader import load_spec
 from kvmstate.transport.real import RealTransports
 

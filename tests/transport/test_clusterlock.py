@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sshd_server import LocalSSHD
 
-from kvmstate import clusterlock
-from kvmstate.runlock import LockTimeout
+from kvmstate.ops import clusterlock
+from kvmstate.ops.runlock import LockTimeout
 from kvmstate.spec import Spec
 from kvmstate.transport.real import RealTransports
 

@@ -93,7 +93,7 @@ def _graph() -> nx.DiGraph:
 
 
 LAYER = {
-    "kvmstate.clusterlock",
+    "kvmstate.ops.clusterlock",
     "kvmstate.facts",
     "kvmstate.hostfacts",
     "kvmstate.nfsexports",

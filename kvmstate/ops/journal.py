@@ -17,7 +17,7 @@ from kvmstate.model import Report, Status
 
 
 def journal_path() -> Path:
-    from kvmstate.runlock import state_dir
+    from kvmstate.ops.runlock import state_dir
 
     return Path(os.environ.get("KVMSTATE_JOURNAL") or state_dir() / "journal.jsonl")
 

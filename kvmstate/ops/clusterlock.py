@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from kvmstate.errors import KvmstateError
-from kvmstate.runlock import LockTimeout, describe_holder, holder_info
+from kvmstate.ops.runlock import LockTimeout, describe_holder, holder_info
 from kvmstate.spec import Spec
 from kvmstate.transport.base import Transports
 
