@@ -43,7 +43,7 @@ test-latest: $(STAMP)
 	$(LATEST)/bin/pip install -q --disable-pip-version-check -e '.[dev,lab]'
 	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m compileall -q kvmstate
-	$(LATEST)/bin/pytest -q
+	$(LATEST)/bin/pytest -q $(PYTEST_ARGS)
 
 # The whole suite: unit, fake-transport and the real lab tests.
 test: $(STAMP)
