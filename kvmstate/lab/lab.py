@@ -197,9 +197,18 @@ class Lab:
 
     # Down ---------------------------------------------------------------------------------
     def down(self) -> float:
-        """Stop everything the lab started; idempotent, works after a crash. Returns seconds."""
+        """Stop everything the lab started; idempotent, works after a crash. Returns seconds.
+
+        The network (bridge, namespace names) is shared by every lab directory: when another
+        directory's lab is up, this refuses and touches nothing (it would tear that lab down)."""
         t0 = time.monotonic()
         cfg = self.cfg
+        other = _read(ACTIVE_MARKER)
+        if other and Path(other) != cfg.dir and Lab(other).is_up():
+            raise LabError(
+                f"the lab in {other} is up, not the one in {cfg.dir}: nothing stopped "
+                f"(`kvmstate lab --dir {other} down` stops it)"
+            )
         live_hosts = [h for h in cfg.hosts if h.netns_path.exists() and h.mnt_ns.exists()]
         kvm_live = [h for h in live_hosts if h.role == "kvm"]
         # 1. Domains (QEMU processes) before anything they use.

@@ -211,6 +211,9 @@ def test_kvm_hosts_and_dir_variant(lab: Lab, tmp_path: Path) -> None:
     other = Lab(tmp_path / "lab3", kvm_hosts=3)
     with pytest.raises(LabError, match="another lab is up"):
         other.up()
+    with pytest.raises(LabError, match="nothing stopped"):
+        other.down()  # would tear the session's lab down: the network is shared
+    assert lab.is_up()
     lab.down()
     try:
         other.up()
