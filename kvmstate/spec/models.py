@@ -194,7 +194,13 @@ def _check_sha256(value: str) -> str:
 
 
 Url = Annotated[str, AfterValidator(_check_url)]
-Sha256 = Annotated[str, AfterValidator(_check_sha256)]
+def _sha256_str(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError("quote the sha256 (YAML read it as a number)")
+    return value
+
+
+Sha256 = Annotated[str, BeforeValidator(_sha256_str), AfterValidator(_check_sha256)]
 
 VOLUME_SOURCES = ("file", "upload", "url", "clone", "backing")
 
