@@ -194,6 +194,8 @@ def _check_sha256(value: str) -> str:
 
 
 Url = Annotated[str, AfterValidator(_check_url)]
+
+
 def _sha256_str(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         raise ValueError("quote the sha256 (YAML read it as a number)")
