@@ -297,10 +297,6 @@ class VolumeResource(Resource[VolumeObs]):
     def needs(self) -> dict[str, frozenset[prereq.Requirement]]:
         return {h: frozenset(self.requires) for h in self.pool_hosts}  # every host of its pool
 
-    def hosts(self) -> tuple[str, ...]:
-        copy = self.v.file.host if self.v.file is not None else None
-        return tuple(dict.fromkeys([self.h, *([copy] if copy else [])]))
-
     def depends_on(self) -> frozenset[ResourceId]:
         out = {ResourceId("pool", self.v.pool, self.h)}
         base = self.v.clone or self.v.backing
