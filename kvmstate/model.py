@@ -117,6 +117,16 @@ class MigrationDone(Event):
 
 
 @dataclass(frozen=True)
+class VolumeProgress(Event):
+    """Bytes of an image sent into a volume (an upload or a URL streamed through kvmstate)."""
+
+    kind: ClassVar[str] = "volume-progress"
+    volume: str
+    sent: int
+    total: int
+
+
+@dataclass(frozen=True)
 class RunReport(Event):
     """The report of an apply, last in its ``--json`` event stream."""
 

@@ -11,10 +11,12 @@ is never compared. Pure XML building/parsing lives in ``kvmstate.virtxml``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +168,70 @@ def observe_volume(conn: Any, pool_name: str, name: str) -> VolumeState | None:
 
 def create_volume(conn: Any, pool_name: str, name: str, fmt: str, capacity: int) -> None:
     conn.storagePoolLookupByName(pool_name).createXML(volume_xml(name, fmt, capacity), 0)
+
+
+def create_upload_target(conn: Any, pool_name: str, name: str, length: int) -> None:
+    """A sparse raw volume of ``length`` bytes for an upload to fill; libvirt reads the format
+    of what was sent when the pool is refreshed."""
+    xml = volume_xml(name, "raw", length, allocation=0)
+    conn.storagePoolLookupByName(pool_name).createXML(xml, 0)
+
+
+def create_overlay(
+    conn: Any, pool_name: str, name: str, capacity: int, base_path: str, base_format: str
+) -> None:
+    """A qcow2 overlay (linked clone) on ``base_path``, ``capacity`` bytes (may exceed the
+    base's: the guest sees the larger disk at once)."""
+    xml = volume_xml(name, "qcow2", capacity, (base_path, base_format))
+    conn.storagePoolLookupByName(pool_name).createXML(xml, 0)
+
+
+def clone_volume(conn: Any, pool_name: str, name: str, fmt: str, base_pool: str, base: str) -> None:
+    """A full copy of volume ``base`` (libvirt's createXMLFrom), at the base's capacity."""
+    src = conn.storagePoolLookupByName(base_pool).storageVolLookupByName(base)
+    capacity = parse_volume_xml(src.XMLDesc(0)).capacity
+    conn.storagePoolLookupByName(pool_name).createXMLFrom(volume_xml(name, fmt, capacity), src, 0)
+
+
+def upload_volume(
+    conn: Any, pool_name: str, name: str, chunks: Iterable[bytes], length: int
+) -> int:
+    """Send ``length`` bytes into the volume through libvirt's upload stream (virStream over
+    the connection's own RPC channel); blocks until libvirt has them all. Returns the bytes
+    sent; a short source aborts the stream and raises ``ValueError``."""
+    vol = conn.storagePoolLookupByName(pool_name).storageVolLookupByName(name)
+    stream = conn.newStream(0)
+    vol.upload(stream, 0, length, 0)
+    sent = 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = stream.send(bytes(view))
+                if n < 0:  # -2: would block (non-blocking streams only); try again
+                    continue
+                view = view[n:]
+                sent += n
+        if sent != length:
+            raise ValueError(f"the source gave {sent} bytes, {length} were announced")
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.abort()
+        raise
+    return sent
+
+
+def overlays_of(conn: Any, pool_name: str, path: str) -> list[str]:
+    """The volumes of a pool whose qcow2 backing file is ``path`` (its linked clones)."""
+    pool = lookup_pool(conn, pool_name)
+    if pool is None or not pool.isActive():
+        return []
+    out = []
+    for vol in pool.listAllVolumes(0):
+        if parse_volume_xml(vol.XMLDesc(0)).backing == path:
+            out.append(vol.name())
+    return sorted(out)
 
 
 def resize_volume(conn: Any, pool_name: str, name: str, capacity: int) -> None:

@@ -40,14 +40,29 @@ class VolumeState:
     path: str
     format: str | None
     capacity: int
+    backing: str | None = None  # the qcow2 backing file (a linked clone's base), if any
 
 
-def volume_xml(name: str, fmt: str, capacity: int) -> str:
+def volume_xml(
+    name: str,
+    fmt: str,
+    capacity: int,
+    backing: tuple[str, str] | None = None,
+    allocation: int | None = None,
+) -> str:
+    """A volume definition; ``backing``: (path, format) of the base of a qcow2 overlay;
+    ``allocation``: bytes to allocate now (0: sparse; default: libvirt's, the capacity)."""
     root = ET.Element("volume")
     ET.SubElement(root, "name").text = name
     ET.SubElement(root, "capacity", unit="bytes").text = str(capacity)
+    if allocation is not None:
+        ET.SubElement(root, "allocation", unit="bytes").text = str(allocation)
     target = ET.SubElement(root, "target")
     ET.SubElement(target, "format", type=fmt)
+    if backing is not None:
+        store = ET.SubElement(root, "backingStore")
+        ET.SubElement(store, "path").text = backing[0]
+        ET.SubElement(store, "format", type=backing[1])
     return ET.tostring(root, encoding="unicode")
 
 
@@ -58,6 +73,7 @@ def parse_volume_xml(xml: str) -> VolumeState:
         _text(root, "target/path") or "",
         fmt.get("type") if fmt is not None else None,
         int(_text(root, "capacity") or 0),
+        _text(root, "backingStore/path"),
     )
 
 

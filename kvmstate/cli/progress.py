@@ -1,5 +1,5 @@
-"""Apply's progress as it happens: a line per finished change, a progress bar per migration,
-or every event as one JSON line."""
+"""Apply's progress as it happens: a line per finished change, a progress bar per migration
+and per image sent into a volume, or every event as one JSON line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from kvmstate.model import (
     Message,
     MigrationDone,
     MigrationProgress,
+    VolumeProgress,
 )
 from kvmstate.ui.console import silence_stdout
 from kvmstate.ui.layout import Hanging
@@ -74,8 +75,30 @@ class EventPrinter:
             self._migration_progress(event)
         elif isinstance(event, MigrationDone):
             self._migration_done(event)
+        elif isinstance(event, VolumeProgress):
+            self._volume_progress(event)
         elif isinstance(event, Message):
             self._line(Text(event.text))
+
+    def _volume_progress(self, event: VolumeProgress) -> None:
+        """An image sent into a volume: a bar on the same display as migrations (rich shows
+        one live display at a time), removed with a line when all bytes are sent."""
+        if self._progress is None:
+            self._progress = _migration_bars(self.console)
+            self._progress.start()
+        key = f"volume:{event.volume}"
+        fields: dict[str, Any] = {"label": f"↑ {event.volume}", "detail": "upload"}
+        if key not in self._tasks:
+            self._tasks[key] = self._progress.add_task("", total=event.total, **fields)
+        self._progress.update(self._tasks[key], completed=event.sent, total=event.total)
+        if event.sent >= event.total:
+            from kvmstate.units import human_size
+
+            self._progress.remove_task(self._tasks.pop(key))
+            if not self._tasks:
+                self._progress.stop()
+                self._progress = None
+            self._line(Text(f"↑ {event.volume}: sent {human_size(event.total)}", style="cyan"))
 
     def _migration_progress(self, event: MigrationProgress) -> None:
         from kvmstate.units import human_size  # units imports pydantic
@@ -93,6 +116,7 @@ class EventPrinter:
             "iteration": event.iteration or 0,
             "dirty": f"{human_size(float(dirty))}/s" if dirty else "-",
         }
+        fields["detail"] = f"iter {fields['iteration']}  dirty {fields['dirty']}"
         if name not in self._tasks:
             self._tasks[name] = self._progress.add_task("", total=total, **fields)
         self._progress.update(self._tasks[name], completed=processed, total=total, **fields)
@@ -132,7 +156,8 @@ def _migration_bars(console: Console) -> Progress:
     class Bars(Progress):
         def get_renderables(self) -> Iterable[RenderableType]:
             for task in self.tasks:
-                yield Hanging(Text(f"→ {task.fields['name']}", style="cyan"), indent=2)
+                label = task.fields.get("label") or f"→ {task.fields['name']}"
+                yield Hanging(Text(label, style="cyan"), indent=2)
                 yield self.make_tasks_table([task])
 
     fixed = Column(no_wrap=True)
@@ -141,7 +166,7 @@ def _migration_bars(console: Console) -> Progress:
         BarColumn(bar_width=None, table_column=Column(max_width=24)),
         DownloadColumn(binary_units=True, table_column=fixed),
         TransferSpeedColumn(table_column=fixed),
-        TextColumn("iter {task.fields[iteration]}  dirty {task.fields[dirty]}", table_column=fixed),
+        TextColumn("{task.fields[detail]}", table_column=fixed),
         console=console,
         transient=True,
     )

@@ -114,11 +114,12 @@ class Engine:
 
     def _gate(self, change: Change) -> Change:
         if (
-            change.action is Action.DELETE
+            change.action in (Action.DELETE, Action.REPLACE)
             and not change.blocked
             and not self.ctx.options.allow_destroy
         ):
-            return change.with_blocked("deleting needs --allow-destroy")
+            verb = "deleting" if change.action is Action.DELETE else "replacing"
+            return change.with_blocked(f"{verb} needs --allow-destroy")
         return change
 
     # --- plan ----------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -168,15 +170,122 @@ class Pool(Model):
     state: State = "present"
 
 
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_URL_RE = re.compile(r"^https?://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+$")
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"url {value!r}: only http:// and https:// are supported")
+    if not parts.hostname:
+        raise ValueError(f"url {value!r} names no host")
+    if parts.username or parts.password:
+        raise ValueError(f"url {value!r}: credentials in a URL would be shown in plans and logs")
+    if not _URL_RE.fullmatch(value) or len(value) > 2048:
+        raise ValueError(f"url {value!r} contains characters kvmstate does not accept")
+    return value
+
+
+def _check_sha256(value: str) -> str:
+    if not _SHA256_RE.fullmatch(value.lower()):
+        raise ValueError("sha256 must be 64 hexadecimal digits")
+    return value.lower()
+
+
+Url = Annotated[str, AfterValidator(_check_url)]
+
+
+def _sha256_str(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError("quote the sha256 (YAML read it as a number)")
+    return value
+
+
+Sha256 = Annotated[str, BeforeValidator(_sha256_str), AfterValidator(_check_sha256)]
+
+VOLUME_SOURCES = ("file", "upload", "url", "clone", "backing")
+
+
+class FileSource(Model):
+    """A file on one of the spec's hosts, copied into the pool once."""
+
+    host: Name = Field(
+        description="the host that has the file: a host of the pool (copied there) or the "
+        "host that exports the pool's directory (copied into the export)"
+    )
+    path: AbsPath = Field(description="the file on that host")
+
+
 class Volume(Model):
     pool: Name
     format: Literal["qcow2", "raw"] = "qcow2"
-    capacity: Annotated[Size, Field(gt=0)]
+    capacity: Annotated[Size, Field(gt=0)] | None = Field(
+        default=None,
+        description="size of the disk; optional with a source (then the image's own size), "
+        "larger than the image grows it at creation",
+    )
+    file: FileSource | None = Field(
+        default=None, description="image it from a file on a host (copied into the pool)"
+    )
+    upload: AbsPath | None = Field(
+        default=None,
+        description="image it from a file on the machine running kvmstate, uploaded through "
+        "libvirt over the host's SSH connection",
+    )
+    url: Url | None = Field(
+        default=None,
+        description="image it from an http(s) URL, streamed through kvmstate into the volume",
+    )
+    clone: Name | None = Field(
+        default=None, description="image it as a full copy of this other volume of the spec"
+    )
+    backing: Name | None = Field(
+        default=None,
+        description="a linked clone: a qcow2 overlay on this base volume of the same pool",
+    )
+    sha256: Sha256 | None = Field(
+        default=None,
+        description="the image's SHA-256 (file, upload, url), checked before the volume is "
+        "used; a mismatch deletes what was made",
+    )
+    replace: bool = Field(
+        default=False,
+        description="re-image the volume when its source differs from the one it was "
+        "imaged from (needs force_destroy: true and apply --allow-destroy); otherwise a "
+        "changed source keeps the data",
+    )
     owner: UnixName | None = None
     group: UnixName | None = None
     mode: Annotated[str, BeforeValidator(_mode_str), Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
     state: State = "present"
     force_destroy: bool = False
+
+    @property
+    def source(self) -> str | None:
+        """Which source field is set (None: an empty volume)."""
+        for f in VOLUME_SOURCES:
+            if getattr(self, f) is not None:
+                return f
+        return None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        given = [f for f in VOLUME_SOURCES if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"a volume has one source ({', '.join(VOLUME_SOURCES)}); this one has "
+                + " and ".join(given)
+            )
+        if not given and self.capacity is None and self.state == "present":
+            raise ValueError("an empty volume needs a capacity (or give it a source)")
+        if self.backing is not None and self.format != "qcow2":
+            raise ValueError("backing (a linked clone) is a qcow2 overlay: it needs format: qcow2")
+        if self.sha256 is not None and (not given or given[0] not in ("file", "upload", "url")):
+            raise ValueError("sha256 checks an image brought in by file, upload or url")
+        if self.replace and not given:
+            raise ValueError("replace: true re-images a volume from its source; it has none")
+        return self
 
 
 # --- domains -----------------------------------------------------------------------------------

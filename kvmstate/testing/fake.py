@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import tempfile
@@ -281,7 +282,21 @@ class FakeLibvirt:
             return None  # type: ignore[return-value]
         if fn in (virt.refresh_pool, virt.start_pool):
             self._sync_pool(args[1], starting=fn is virt.start_pool)
+        if fn is virt.upload_volume:
+            return self._upload(*args)  # type: ignore[return-value]
         result = fn(*args)
+        if fn in (virt.create_upload_target, virt.create_overlay):
+            pool, name, size = args[1], args[2], args[3]
+            path = h.conn().storagePoolLookupByName(pool).storageVolLookupByName(name).path()
+            fh, p = h.resolve(path)
+            fh.files[p] = FakeFile(size=size, mode="0600")
+        elif fn is virt.clone_volume:
+            _, pool, name, _fmt, base_pool, base = args
+            lvpool = h.conn().storagePoolLookupByName(base_pool)
+            bfh, bp = h.resolve(lvpool.storageVolLookupByName(base).path())
+            path = h.conn().storagePoolLookupByName(pool).storageVolLookupByName(name).path()
+            fh, p = h.resolve(path)
+            fh.files[p] = dataclasses.replace(bfh.files[bp], mode="0600")
         if fn is virt.create_volume:
             _, pool, name, _fmt, capacity = args
             path = h.conn().storagePoolLookupByName(pool).storageVolLookupByName(name).path()
@@ -293,6 +308,22 @@ class FakeLibvirt:
             fh, p = h.resolve(f"{pool_path}/{name}")
             fh.files.pop(p, None)
         return result
+
+    def _upload(self, conn: Any, pool: str, name: str, chunks: Any, length: int) -> int:
+        """The test driver has no upload stream: take the bytes as libvirt would, write the
+        file, and show the volume as libvirt does after it probed what was sent."""
+        data = b"".join(chunks)
+        if len(data) != length:
+            raise ValueError(f"the source gave {len(data)} bytes, {length} were announced")
+        lvpool = conn.storagePoolLookupByName(pool)
+        vol = lvpool.storageVolLookupByName(name)
+        fh, p = self._host.resolve(vol.path())
+        f = FakeFile(data=data, size=len(data), mode="0600")
+        fh.files[p] = f
+        vol.delete(0)
+        fmt, capacity = _probe(name, f)
+        lvpool.createXML(_volume_xml(name, capacity, fmt), 0)
+        return length
 
     def _sync_pool(self, name: str, starting: bool) -> None:
         h = self._host
@@ -317,7 +348,7 @@ class FakeLibvirt:
         have = set(pool.listVolumes())
         for n, f in present.items():
             if n not in have:
-                pool.createXML(_volume_xml(n, f.size), 0)
+                pool.createXML(_volume_xml(n, *_probe(n, f)[::-1]), 0)
 
     def _migrate(self, src: Any, dst: Any, name: str, params: Any, flags: int) -> None:
         lv = libvirt_module()
@@ -341,13 +372,34 @@ def _pool_path(pool: Any) -> str:
     return path
 
 
-def _volume_xml(name: str, capacity: int) -> str:
+def _volume_xml(name: str, capacity: int, fmt: str | None = None) -> str:
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
     target = ET.SubElement(vol, "target")
-    ET.SubElement(target, "format", type="qcow2" if name.endswith(".qcow2") else "raw")
+    fmt = fmt or ("qcow2" if name.endswith(".qcow2") else "raw")
+    ET.SubElement(target, "format", type=fmt)
     return ET.tostring(vol, encoding="unicode")
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def fake_qcow2(virtual_size: int, payload: bytes = b"") -> bytes:
+    """The start of a qcow2 image (magic, version 3, virtual size at offset 24): enough for
+    the fake's probe (and libvirt's) to call it qcow2 of that size."""
+    header = QCOW2_MAGIC + (3).to_bytes(4, "big") + bytes(16) + virtual_size.to_bytes(8, "big")
+    return header + payload
+
+
+def _probe(name: str, f: FakeFile) -> tuple[str, int]:
+    """What a dir pool shows for a file: libvirt reads a qcow2 header (format and virtual
+    size); a file the fake holds no bytes of goes by its name and size."""
+    if f.data is not None and f.data[:4] == QCOW2_MAGIC and len(f.data) >= 32:
+        return "qcow2", int.from_bytes(f.data[24:32], "big")
+    if f.data is not None:
+        return "raw", len(f.data)
+    return ("qcow2" if name.endswith(".qcow2") else "raw"), f.size
 
 
 class FakeCluster:
@@ -404,7 +456,15 @@ class FakeCluster:
         return False
 
 
-__all__ = ["FakeBtrfs", "FakeCluster", "FakeCommandError", "FakeFile", "FakeHost", "FakeMount"]
+__all__ = [
+    "FakeBtrfs",
+    "FakeCluster",
+    "FakeCommandError",
+    "FakeFile",
+    "FakeHost",
+    "FakeMount",
+    "fake_qcow2",
+]
 
 
 def _conforms(c: FakeCluster, p: FakeProcess) -> tuple[Transports, Shell, Libvirt, Process]:

@@ -12,6 +12,8 @@ a bug in those parsers then shows up in the fake tests instead of being mirrored
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -64,6 +66,10 @@ class FakeFile:
     group: str = "root"
     mode: str = "0644"
     size: int = 0
+    data: bytes | None = None  # an image's bytes (``content`` is for text files)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.content.encode() if self.data is None else self.data).hexdigest()
 
 
 def is_under(path: str, base: str) -> bool:
@@ -203,6 +209,32 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
         case ("find", path, "-mindepth", "1", "-maxdepth", "1", "-print", "-quit"):
             entries = h.listdir(path)
             return f"{path}/{entries[0]}\n" if entries else ""
+        case ("test", "-e", path):
+            fh, p = h.resolve(path)
+            if p not in fh.files and p not in fh.dirs:
+                raise Fail("", 1)
+            return ""
+        case ("rm", "-f", "--", path):
+            fh, p = h.resolve(path)
+            if p in fh.dirs:
+                raise Fail(f"rm: cannot remove '{path}': Is a directory")
+            fh.files.pop(p, None)
+            return ""
+        case ("cp", "--sparse=always", "--no-clobber", "--", src, dst):
+            sh, sp = h.resolve(src)
+            if sp not in sh.files:
+                raise Fail(f"cp: cannot stat '{src}': No such file or directory")
+            if not h.is_dir(_parent(dst)):
+                raise Fail(f"cp: cannot create regular file '{dst}': No such file or directory")
+            dh, dp = h.resolve(dst)
+            if dp not in dh.files:  # --no-clobber: an existing file is silently kept
+                dh.files[dp] = dataclasses.replace(sh.files[sp], owner="root", group="root")
+            return ""
+        case ("sha256sum", "--", path):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"sha256sum: {path}: No such file or directory")
+            return f"{fh.files[p].digest()}  {path}\n"
         case ("test", "-d", path):
             if not h.is_dir(path):
                 raise Fail("", 1)

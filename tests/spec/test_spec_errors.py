@@ -151,7 +151,7 @@ def test_a_newline_in_a_key_cannot_forge_an_error_line(make_spec: MakeSpec) -> N
     [
         (("    memory: 1GiB\n", ""), "  web:", "domains.web.memory"),
         (("    address: 10.0.0.12\n", ""), "  kvm-2:", "hosts.kvm-2.address"),
-        (("    capacity: 8GiB\n", ""), "  web.qcow2:", "volumes.web.qcow2.capacity"),
+        (("    pool: images\n    format", "    format"), "  web.qcow2:", "volumes.web.qcow2.pool"),
         (
             ("      - volume: web.qcow2\n        target: vda\n", "      - target: vda\n"),
             "      - target: vda",
