@@ -349,33 +349,30 @@ class NetworkResource(Resource[NetworkObs]):
             self.log.info("%s: network %s autostart=%s", self.h, self.name, n.autostart)
             await lv.run(virt.set_network_autostart, conn, self.name, n.autostart)
             return await self.observe(ctx)
-        # the persistent definition
+        # a restart (stop, define, start: the definition is written while the network is
+        # stopped, so the start uses it) when the running network must change its mode,
+        # bridge or address; DHCP is edited in place, persistent and live
+        restart = _restart(compare(n, cur.live, "runtime")) if cur.live is not None else []
+        if restart:
+            if cur.users:
+                raise RefusedError(
+                    f"network {self.name}: restart refused, in use by {', '.join(cur.users)}"
+                )
+            self.log.info(
+                "%s: stopping network %s to change %s", self.h, self.name, ", ".join(restart)
+            )
+            await lv.run(virt.stop_network, conn, self.name)
         if _restart(compare(n, cur.config, "config")) or not cur.persistent:
             self.log.info("%s: redefining network %s: %s", self.h, self.name, self._what())
             base = cur.live if cur.live is not None and not cur.persistent else cur.config
             await lv.run(virt.define_network, conn, self.name, desired(n, base))
         else:
             await self._edit(ctx, conn, dhcp_edits(n, cur.config), live=False)
-        # the running network
-        live_restart = _restart(compare(n, cur.live, "runtime")) if cur.live is not None else []
-        if cur.active and live_restart:
-            if cur.users:
-                raise RefusedError(
-                    f"network {self.name}: restart refused, in use by {', '.join(cur.users)}"
-                )
-            self.log.info(
-                "%s: restarting network %s (%s changed)",
-                self.h,
-                self.name,
-                ", ".join(live_restart),
-            )
-            await lv.run(virt.stop_network, conn, self.name)
-            await lv.run(virt.start_network, conn, self.name)
-        elif cur.active and cur.live is not None:
-            await self._edit(ctx, conn, dhcp_edits(n, cur.live), live=True)
-        else:
+        if restart or not cur.active:
             self.log.info("%s: starting network %s", self.h, self.name)
             await lv.run(virt.start_network, conn, self.name)
+        elif cur.live is not None:
+            await self._edit(ctx, conn, dhcp_edits(n, cur.live), live=True)
         if not cur.persistent or cur.autostart != n.autostart:
             self.log.info("%s: network %s autostart=%s", self.h, self.name, n.autostart)
             await lv.run(virt.set_network_autostart, conn, self.name, n.autostart)
