@@ -191,7 +191,10 @@ class NetworkResource(Resource[NetworkObs]):
     )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, DNSMASQ)
     uses_libvirt = True
-    cannot_import = "not yet: kvmstate import does not read libvirt networks"
+    cannot_import = (
+        "not yet: the importer reads libvirt's pools, volumes and domains but not its networks "
+        "(importer.list_libvirt); declare them under networks:"
+    )
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         self.n: VirtualNetwork = spec.networks[name]
