@@ -6,6 +6,7 @@ comes from the local libvirt daemon we talk to, so the stdlib parser is acceptab
 
 from __future__ import annotations
 
+import ipaddress
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -250,3 +251,102 @@ def parse_domain_xml(xml: str) -> DomainConfig:
         root.find(f"metadata/{{{NS}}}managed") is not None,
         _kib(root.find("currentMemory")) or _kib(root.find("memory")),
     )
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DhcpHostConfig:
+    mac: str  # lower case, as libvirt prints it
+    ip: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The managed fields of a libvirt network definition (persistent or live).
+
+    ``mode`` is ``nat``, ``isolated`` (no ``<forward>``), ``bridge``, or another forward mode
+    as libvirt names it (``route``, ``open``, ``hostdev``...). ``address`` is the first IPv4
+    ``<ip>`` as ``A.B.C.D/PREFIX``; ``dhcp_ranges`` and ``dhcp_hosts`` are that ``<ip>``'s."""
+
+    mode: str
+    bridge: str | None = None
+    address: str | None = None
+    dhcp: bool = False
+    dhcp_ranges: tuple[tuple[str, str], ...] = ()
+    dhcp_hosts: frozenset[DhcpHostConfig] = frozenset()
+
+
+def _prefix(ip: ET.Element) -> int | None:
+    if ip.get("prefix") is not None:
+        return int(ip.get("prefix") or 0)
+    mask = ip.get("netmask")
+    if mask is None:
+        return None
+    return ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
+
+
+def parse_network_xml(xml: str) -> NetworkConfig:
+    root = parse_xml(xml)
+    if root.tag != "network":
+        raise ValueError(f"not a network definition: <{root.tag}>")
+    fwd = root.find("forward")
+    mode = "isolated" if fwd is None else fwd.get("mode", "nat")
+    br = root.find("bridge")
+    bridge = br.get("name") if br is not None else None
+    address = None
+    dhcp = False
+    ranges: list[tuple[str, str]] = []
+    hosts: set[DhcpHostConfig] = set()
+    for ip in root.findall("ip"):
+        fam = ip.get("family", "ipv4")
+        addr = ip.get("address")
+        if fam != "ipv4" or addr is None or ":" in addr:
+            continue
+        prefix = _prefix(ip)
+        address = f"{addr}/{prefix}" if prefix is not None else addr
+        dh = ip.find("dhcp")
+        if dh is not None:
+            dhcp = True
+            for r in dh.findall("range"):
+                ranges.append((r.get("start", ""), r.get("end", "")))
+            for h in dh.findall("host"):
+                hosts.add(
+                    DhcpHostConfig((h.get("mac") or "").lower(), h.get("ip", ""), h.get("name"))
+                )
+        break  # the first IPv4 address is the one kvmstate manages
+    return NetworkConfig(mode, bridge, address, dhcp, tuple(ranges), frozenset(hosts))
+
+
+def dhcp_host_xml(h: DhcpHostConfig) -> str:
+    attrs = {"mac": h.mac, **({"name": h.name} if h.name else {}), "ip": h.ip}
+    return ET.tostring(ET.Element("host", attrs), encoding="unicode")
+
+
+def dhcp_range_xml(start: str, end: str) -> str:
+    return ET.tostring(ET.Element("range", start=start, end=end), encoding="unicode")
+
+
+def network_xml(name: str, c: NetworkConfig, uuid: str | None = None) -> str:
+    """A network definition with the fields of ``c`` (libvirt adds its defaults: uuid, MAC,
+    STP, a ``virbrN`` name when ``c.bridge`` is None)."""
+    root = ET.Element("network")
+    ET.SubElement(root, "name").text = name
+    if uuid:
+        ET.SubElement(root, "uuid").text = uuid
+    if c.mode != "isolated":
+        ET.SubElement(root, "forward", mode=c.mode)
+    if c.bridge:
+        ET.SubElement(root, "bridge", name=c.bridge)
+    if c.address:
+        iface = ipaddress.IPv4Interface(c.address)
+        ip = ET.SubElement(root, "ip", address=str(iface.ip), prefix=str(iface.network.prefixlen))
+        if c.dhcp:
+            dh = ET.SubElement(ip, "dhcp")
+            for start, end in c.dhcp_ranges:
+                dh.append(parse_xml(dhcp_range_xml(start, end)))
+            for h in sorted(c.dhcp_hosts, key=lambda h: (h.mac, h.ip)):
+                dh.append(parse_xml(dhcp_host_xml(h)))
+    return ET.tostring(root, encoding="unicode")

@@ -198,7 +198,9 @@ def write_libvirt_files(host: HostConfig) -> None:
     etc = host.outside("/etc/libvirt")
     networks = etc / "qemu" / "networks"
     (networks / "autostart").mkdir(parents=True)
-    # No `default` network: it needs dnsmasq and a bridge the lab does not have.
+    # No stock `default` network: the lab's networks are the ones a spec defines (kvmstate's
+    # `networks:`; libvirtd runs their dnsmasq inside this host's namespaces, with the
+    # host's own /var/lib/libvirt/dnsmasq and /run), so a spec's `default` starts from none.
     for lower in Path("/etc/libvirt/qemu/networks").rglob("*.xml"):
         rel = lower.relative_to("/etc/libvirt/qemu/networks")
         _whiteout(networks / rel)

@@ -397,6 +397,7 @@ class Lab:
             virt.clear_domains(conn)
             if pools:
                 virt.clear_pools(conn)
+                virt.clear_networks(conn)
 
     def _unmount_nfs(self, h: HostConfig) -> None:
         """Unmount the host's NFS (FUSE) mounts; their client processes then exit."""

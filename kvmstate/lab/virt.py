@@ -69,3 +69,18 @@ def clear_pools(conn: Any) -> list[str]:
 
 def running_domains(conn: Any) -> list[str]:
     return [d.name() for d in conn.listAllDomains(1)]  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+
+
+def clear_networks(conn: Any) -> list[str]:
+    """Stop and undefine every network on ``conn`` (their dnsmasq exits with them)."""
+    libvirt = _libvirt()
+    names = []
+    for net in conn.listAllNetworks(0):
+        names.append(net.name())
+        with contextlib.suppress(libvirt.libvirtError):
+            if net.isActive():
+                net.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if net.isPersistent():
+                net.undefine()
+    return names

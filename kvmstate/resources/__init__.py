@@ -9,6 +9,7 @@ from kvmstate.resources.base import Resource
 from kvmstate.resources.domain import DomainResource
 from kvmstate.resources.export import ExportResource
 from kvmstate.resources.mount import MountResource
+from kvmstate.resources.network import NetworkResource
 from kvmstate.resources.packages import PackagesResource
 from kvmstate.resources.placement import PlacementResource
 from kvmstate.resources.pool import PoolResource
@@ -23,6 +24,7 @@ KINDS: tuple[type[Resource[Any]], ...] = (
     MountResource,
     PoolResource,
     VolumeResource,
+    NetworkResource,
     DomainResource,
     PlacementResource,
 )

@@ -8,6 +8,8 @@ turning every problem into ``file:line: field: message`` lives in ``loader.py``.
 
 from kvmstate.spec.models import (
     Boot,
+    DhcpHost,
+    DhcpRange,
     Disk,
     Domain,
     DowntimeStep,
@@ -18,6 +20,7 @@ from kvmstate.spec.models import (
     MigrationLimits,
     MigrationPolicy,
     Mount,
+    NetworkDhcp,
     NfsVersion,
     Placement,
     Pool,
@@ -27,6 +30,7 @@ from kvmstate.spec.models import (
     SSHOverrides,
     SSHSettings,
     Subvolume,
+    VirtualNetwork,
     Volume,
 )
 from kvmstate.spec.values import (
@@ -52,6 +56,8 @@ __all__ = [
     "Boot",
     "Cmdline",
     "Device",
+    "DhcpHost",
+    "DhcpRange",
     "Disk",
     "Domain",
     "DowntimeStep",
@@ -67,6 +73,7 @@ __all__ = [
     "Mount",
     "Name",
     "Network",
+    "NetworkDhcp",
     "NfsVersion",
     "Option",
     "Package",
@@ -80,6 +87,7 @@ __all__ = [
     "State",
     "Subvolume",
     "UnixName",
+    "VirtualNetwork",
     "Volume",
     "is_valid_name",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -288,6 +289,129 @@ class Volume(Model):
         return self
 
 
+# --- networks ----------------------------------------------------------------------------------
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"invalid IPv4 address {value!r}") from None
+
+
+def _ipv4_interface(value: str) -> str:
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise ValueError(
+            f"invalid address {value!r}: the host's IPv4 address on the network with its "
+            "prefix, like 192.168.122.1/24"
+        ) from None
+    if "/" not in value:
+        raise ValueError(f"address {value!r} needs a prefix length, like {value}/24")
+    net = iface.network
+    if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+        raise ValueError(f"address {value!r} is the network's own or its broadcast address")
+    return str(iface)
+
+
+IPv4 = Annotated[str, AfterValidator(_ipv4)]
+IPv4Interface = Annotated[str, AfterValidator(_ipv4_interface)]
+_DHCP_NAME_RE = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+
+
+class DhcpRange(Model):
+    start: IPv4
+    end: IPv4
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DhcpRange:
+        if ipaddress.IPv4Address(self.start) > ipaddress.IPv4Address(self.end):
+            raise ValueError(f"DHCP range starts after it ends ({self.start} > {self.end})")
+        return self
+
+
+class DhcpHost(Model):
+    mac: Annotated[str, Field(pattern=_MAC_RE.pattern), AfterValidator(_check_mac)]
+    ip: IPv4
+    name: Annotated[str, Field(pattern=_DHCP_NAME_RE)] | None = Field(
+        default=None, description="the host name dnsmasq gives the guest"
+    )
+
+
+class NetworkDhcp(Model):
+    range: DhcpRange | None = Field(
+        default=None, description="the addresses handed out (default: only the static hosts)"
+    )
+    hosts: list[DhcpHost] = Field(
+        default_factory=list, description="static leases: a MAC always gets its IP (and name)"
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> NetworkDhcp:
+        for what in ("mac", "ip", "name"):
+            seen: set[str] = set()
+            for h in self.hosts:
+                v = getattr(h, what)
+                key = v.lower() if isinstance(v, str) else v
+                if key is None:
+                    continue
+                if key in seen:
+                    raise ValueError(f"DHCP hosts: {what} {v!r} is listed twice")
+                seen.add(key)
+        return self
+
+
+class VirtualNetwork(Model):
+    mode: Literal["nat", "isolated", "bridge"] = Field(
+        default="nat",
+        description="nat: guests reach out through the host (libvirt's `default`); "
+        "isolated: guests and host only; bridge: guests on an existing host bridge",
+    )
+    hosts: list[Name] = Field(min_length=1, description="the hosts the network is defined on")
+    bridge: IfName | None = Field(
+        default=None,
+        description="nat/isolated: the bridge libvirt creates (default: libvirt picks "
+        "virbrN); bridge: the existing host bridge (required)",
+    )
+    address: IPv4Interface | None = Field(
+        default=None,
+        description="the host's address on the network with its prefix, e.g. "
+        "192.168.122.1/24 (required for nat; needs dnsmasq on the host)",
+    )
+    dhcp: NetworkDhcp | None = Field(default=None, description="DHCP served by libvirt's dnsmasq")
+    autostart: bool = True
+    state: State = "present"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VirtualNetwork:
+        if self.mode == "bridge":
+            if self.bridge is None:
+                raise ValueError("a bridge network needs bridge: (the existing host bridge)")
+            if self.address is not None or self.dhcp is not None:
+                raise ValueError(
+                    "a bridge network takes no address or dhcp (the host bridge's own "
+                    "network serves its guests)"
+                )
+            return self
+        if self.mode == "nat" and self.address is None:
+            raise ValueError("a nat network needs address: (e.g. 192.168.122.1/24)")
+        if self.dhcp is not None:
+            if self.address is None:
+                raise ValueError("dhcp needs address: (the network DHCP serves)")
+            iface = ipaddress.IPv4Interface(self.address)
+            net = iface.network
+            inside = [*([self.dhcp.range.start, self.dhcp.range.end] if self.dhcp.range else [])]
+            inside += [h.ip for h in self.dhcp.hosts]
+            for ip in inside:
+                a = ipaddress.IPv4Address(ip)
+                if a not in net:
+                    raise ValueError(f"DHCP address {ip} is outside the network {net}")
+                if a == iface.ip:
+                    raise ValueError(f"DHCP address {ip} is the host's own address")
+        return self
+
+
 # --- domains -----------------------------------------------------------------------------------
 
 
@@ -423,6 +547,7 @@ class Spec(Model):
     mounts: dict[Name, Mount] = Field(default_factory=dict)
     pools: dict[Name, Pool] = Field(default_factory=dict)
     volumes: dict[Name, Volume] = Field(default_factory=dict)
+    networks: dict[Name, VirtualNetwork] = Field(default_factory=dict)
     domains: dict[Name, Domain] = Field(default_factory=dict)
 
     def ssh_for(self, host: str) -> SSHSettings:

@@ -25,9 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 Kind = type[Resource[Any]]
 IDS = [k.kind for k in KINDS]
 
-# the lab spec, with a host that lists packages (so every kind has resources)
+# the lab spec, with a host that lists packages and a NAT network the guest is also on (so
+# every kind has resources)
 SPEC_TEXT = LAB_SPEC.replace(
     "kvm-2: {address: 10.77.0.22}", "kvm-2: {address: 10.77.0.22, packages: [qemu-utils]}"
+).replace("      - bridge: br0\n", "      - bridge: br0\n      - network: nat\n") + (
+    "networks:\n"
+    "  nat:\n"
+    "    hosts: [kvm-1, kvm-2]\n"
+    "    bridge: virbr0\n"
+    "    address: 192.168.122.1/24\n"
+    "    dhcp: {range: {start: 192.168.122.2, end: 192.168.122.254}}\n"
 )
 
 
@@ -114,6 +122,10 @@ def _domain_destroy(c: FakeCluster) -> None:
     c["kvm-1"].conn().lookupByName("guest").destroy()
 
 
+def _net_destroy(c: FakeCluster) -> None:
+    c["kvm-2"].conn().networkLookupByName("nat").destroy()  # virsh net-destroy nat
+
+
 def _migrate_by_hand(c: FakeCluster) -> None:
     src, dst = c["kvm-1"].conn(), c["kvm-2"].conn()
     dom = src.lookupByName("guest")
@@ -130,6 +142,7 @@ BEHIND_ITS_BACK: dict[str, BehindItsBack] = {
     "mount": _umount,
     "pool": _pool_destroy,
     "volume": _chown,
+    "network": _net_destroy,
     "domain": _domain_destroy,
     "placement": _migrate_by_hand,
 }

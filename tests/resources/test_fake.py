@@ -112,6 +112,7 @@ def test_expand_and_dependencies(spec: Spec) -> None:
         "mount",
         "pool",
         "volume",
+        "network",
         "domain",
         "placement",
     ]

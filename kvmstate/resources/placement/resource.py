@@ -181,6 +181,8 @@ class PlacementResource(Resource[PlacementObs]):
                         "nolock under a qcow2 disk: QEMU image locking fails",
                     )
                 )
+        for net in dict.fromkeys(i.network for i in self.d.interfaces if i.network):
+            out.append(await self._network_check(dlv, dconn, dst, net))
         sconn = await ctx.libvirt(src).connect()
         compatible, detail = await ctx.libvirt(src).run(
             virt.cpu_compatible, sconn, dconn, self.name
@@ -190,6 +192,23 @@ class PlacementResource(Resource[PlacementObs]):
             target_checks, mem = await self._target_checks(ctx, dst, running)
             out += target_checks
         return out, mem
+
+    async def _network_check(self, dlv: Any, dconn: Any, dst: str, net: str) -> Check:
+        """The network an interface names must be defined and active on the target. One the
+        spec manages there is started before the domain moves (its network -> domain edge),
+        so at plan time "not started yet" is not a failure."""
+        active = await dlv.run(virt.network_is_active, dconn, net)
+        if active:
+            return Check(f"network {net}", True, f"network {net} active on {dst}")
+        managed = self.spec.networks.get(net)
+        if managed is not None and dst in managed.hosts and managed.state != "absent":
+            return Check(
+                f"network {net}",
+                True,
+                f"network {net} not active on {dst} yet: networks.{net} starts it first",
+            )
+        state = "not defined" if active is None else "defined but not active"
+        return Check(f"network {net}", False, f"network {net} {state} on {dst}")
 
     async def _target_checks(
         self, ctx: RunContext, dst: str, running: bool
