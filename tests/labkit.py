@@ -16,9 +16,8 @@ from typing import Any
 from kvmstate.engine import Engine
 from kvmstate.engine.graph import build_graph
 from kvmstate.lab.lab import Lab
-from kvmstate.loader import load_spec
 from kvmstate.model import Plan, Report
-from kvmstate.resources import KINDS
+from kvmstate.resources import KINDS, REGISTRY
 from kvmstate.resources.base import Options, RunContext
 from kvmstate.transport.real import RealTransports
 
@@ -67,7 +66,7 @@ def spawn(*args: object, env: dict[str, str] | None = None) -> subprocess.Popen[
 
 
 async def _plan(path: Path) -> tuple[Plan, dict[str, Any]]:
-    loaded = load_spec(path)
+    loaded = REGISTRY.load(path)
     graph = build_graph(loaded.spec, KINDS)
     async with RealTransports(loaded.spec) as transports:
         engine = Engine(graph, RunContext(loaded.spec, transports))
@@ -90,7 +89,7 @@ def apply(
     events: Callable[[Any], None] | None = None,
 ) -> Report:
     async def run() -> Report:
-        loaded = load_spec(path)
+        loaded = REGISTRY.load(path)
         graph = build_graph(loaded.spec, KINDS)
         async with RealTransports(loaded.spec) as transports:
             ctx = RunContext(loaded.spec, transports, Options(allow_destroy=allow_destroy), events)

@@ -36,8 +36,8 @@ class ImportArgs:
 
 def cmd_import(ns: argparse.Namespace, out: Console, err: Console) -> int:
     from kvmstate import importer
-    from kvmstate.loader import parse_spec_text
     from kvmstate.localfs import write_atomic
+    from kvmstate.resources import REGISTRY
     from kvmstate.spec import Spec
     from kvmstate.transport.real import RealTransports
 
@@ -60,7 +60,7 @@ def cmd_import(ns: argparse.Namespace, out: Console, err: Console) -> int:
     result = importer.merged(data, imported)
     header = f"kvmstate import of {', '.join(chosen)} ({len(imported.resources())} resources)"
     text = importer.render_yaml(result, imported.notes, header)
-    parse_spec_text(text, args.output or "<import>")  # raises: never write a failing spec
+    REGISTRY.parse(text, args.output or "<import>")  # raises: never write a failing spec
     if args.output:
         write_atomic(args.output, text)
     else:

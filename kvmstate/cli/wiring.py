@@ -25,16 +25,16 @@ if TYPE_CHECKING:
 
 
 def load(path: str) -> LoadedSpec:
-    from kvmstate.loader import load_spec
+    """The spec at ``path``, validated by the registered kinds (their sections and checks)."""
+    from kvmstate.resources import REGISTRY
 
-    return load_spec(path)
+    return REGISTRY.load(path)
 
 
 def graph_of(loaded: LoadedSpec) -> ResourceGraph:
-    from kvmstate.engine.graph import build_graph
-    from kvmstate.resources import KINDS
+    from kvmstate.resources import REGISTRY
 
-    return build_graph(loaded.spec, KINDS, path=loaded.path, lines=loaded.lines)
+    return REGISTRY.graph(loaded.spec, path=loaded.path, lines=loaded.lines)
 
 
 class NoTransports:

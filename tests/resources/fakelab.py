@@ -13,9 +13,8 @@ import networkx as nx
 from kvmstate.engine import Blocked, Engine
 from kvmstate.engine.graph import ResourceGraph
 from kvmstate.errors import RefusedError
-from kvmstate.loader import parse_spec_text
 from kvmstate.model import Change
-from kvmstate.resources import KINDS
+from kvmstate.resources import KINDS, REGISTRY
 from kvmstate.resources.base import Resource, RunContext
 from kvmstate.spec import Spec
 from kvmstate.testing.fake import FakeCluster, FakeMount
@@ -80,7 +79,7 @@ domains:
 
 
 def make_spec(text: str = LAB_SPEC, **patch: Any) -> Spec:
-    spec = parse_spec_text(text).spec
+    spec = REGISTRY.parse(text).spec
     if patch:
         data = spec.model_dump(mode="json", exclude_none=True)
         for dotted, value in patch.items():
