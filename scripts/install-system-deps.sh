@@ -9,6 +9,8 @@ PKGS=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   openssh-server openssh-client btrfs-progs busybox-static cpio iproute2 kmod
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils libnfs13 fuse3 nfs-common util-linux
+  # the lab's bootable disk guest: SYSLINUX (MBR + installer via mtools), FAT, NoCloud ISO
+  syslinux syslinux-common mtools dosfstools genisoimage
   # the tests: the zsh completion script is parsed by zsh itself
   zsh
 )
