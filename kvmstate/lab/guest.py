@@ -139,6 +139,13 @@ def disk_image_path(guest_dir: Path) -> Path:
     return guest_dir / "disk.qcow2"
 
 
+def disk_initrd_path(image_path: Path) -> Path:
+    """The disk guest's initramfs beside its template (``disk.qcow2`` -> ``disk-initrd.img``):
+    the same guest for a direct kernel boot (``<kernel>`` = :func:`kernel_path`,
+    ``<cmdline>console=ttyS0 kvmstate.dirty=MIB</cmdline>``) on a blank disk."""
+    return image_path.with_name(image_path.stem + "-initrd.img")
+
+
 def _stamp_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
@@ -155,6 +162,7 @@ def disk_image_installed(
         and data.get("dirty_mib") == dirty_mib
         and data.get("size_mib") == size_mib
         and out.exists()
+        and disk_initrd_path(out).exists()
     )
 
 
@@ -207,8 +215,10 @@ def install(guest_dir: Path, force: bool = False) -> None:
             kernel_ok = True
         src = disk_image_path(default)
         if not disk_ok and disk_image_installed(src):
-            shutil.copy2(src, disk_image_path(guest_dir))
-            shutil.copy2(_stamp_path(src), _stamp_path(disk_image_path(guest_dir)))
+            dst = disk_image_path(guest_dir)
+            for a, b in ((src, dst), (disk_initrd_path(src), disk_initrd_path(dst))):
+                shutil.copy2(a, b)
+            shutil.copy2(_stamp_path(src), _stamp_path(dst))  # last: it vouches for both
             disk_ok = True
         if kernel_ok and disk_ok:
             return
@@ -261,6 +271,7 @@ def build_disk_image(
                 guest_dir, out=out, dirty_mib=dirty_mib, size_mib=size_mib, kernel=tree, force=True
             )
     t0 = time.monotonic()
+    _stamp_path(out).unlink(missing_ok=True)  # no stamp vouches for a half-built pair
     order = image.write_disk_image(
         out,
         kernel.vmlinuz,
@@ -268,6 +279,7 @@ def build_disk_image(
         builtin=kernel.builtin,
         dirty_mib=dirty_mib,
         size_mib=size_mib,
+        initrd_out=disk_initrd_path(out),
     )
     stamp = {
         "image": image.IMAGE_VERSION,

@@ -115,12 +115,14 @@ while [ -z "$DISK" ] && [ $i -lt 100 ]; do
 done
 say "booted boot=$BOOT disk=${{DISK:-none}}"
 
-# NoCloud seed: a filesystem labelled cidata with meta-data and user-data.
+# NoCloud seed: a filesystem labelled cidata with meta-data and user-data. insmod waits for
+# the ATA/SCSI probes, so a CD-ROM drive is there by now: without one, wait 1 s, not 5.
 SEED=
 i=0
 while [ $i -lt 50 ]; do
     SEED=$(findfs LABEL=cidata 2>/dev/null || findfs LABEL=CIDATA 2>/dev/null)
     [ -n "$SEED" ] && break
+    if [ $i -ge 10 ] && ! ls /sys/class/block | grep -q '^sr'; then break; fi
     sleep 0.1
     i=$((i + 1))
 done
@@ -447,8 +449,12 @@ def write_disk_image(
     builtin: frozenset[str] = frozenset(),
     dirty_mib: int = DEFAULT_DIRTY_MIB,
     size_mib: int = DEFAULT_SIZE_MIB,
+    initrd_out: Path | None = None,
 ) -> list[str]:
     """Build the bootable qcow2 at ``out`` (replaced atomically). Returns the module order.
+
+    ``initrd_out``, if given, receives a copy of the initramfs (the same guest, for a
+    direct kernel boot with ``kvmstate.dirty=`` on ``<cmdline>``).
 
     No mounts and no loop devices: mkfs.fat, ``syslinux --install`` and mcopy all work on the
     raw file at the partition's offset; ``qemu-img convert`` makes the (sparse) qcow2.
@@ -492,5 +498,8 @@ def write_disk_image(
         tmp_out = work / "disk.qcow2"
         run([tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp_out)])
         tmp_out.chmod(0o644)
+        if initrd_out is not None:
+            initrd.chmod(0o644)
+            os.replace(initrd, initrd_out)
         os.replace(tmp_out, out)
     return order
