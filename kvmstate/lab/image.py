@@ -20,7 +20,23 @@ The guest's ``/init`` (PID 1, never leaves the initramfs) loads the modules, rea
 with a boot id on the serial console and on disk (continuing from the disk's value), takes a
 DHCP lease on every NIC and dirties ``kvmstate.dirty`` MiB of RAM per second.
 
-Everything here but :func:`write_disk_image` is pure and unit-tested.
+The dirty rate (issue 18), MiB of RAM rewritten per second, default 4, 0 = off; the guest
+needs about twice that much free RAM (a source buffer plus the target):
+
+- ``kvmstate.dirty=MIB`` on the kernel command line: baked into the template's SYSLINUX
+  ``APPEND`` line by ``guest.build_disk_image(dirty_mib=...)``, or given on ``<cmdline>`` when
+  the same initramfs (``disk-initrd.img``) is booted directly;
+- ``kvmstate_dirty: MIB`` in the NoCloud ``#cloud-config`` user-data, per guest; it wins.
+
+Serial console lines (parsed by :mod:`kvmstate.lab.guest`):
+``kvmstate-guest: booted boot=ID disk=DEV``, ``kvmstate-guest: hostname NAME``,
+``kvmstate-guest: counter continues from N (boot=OLD)``, ``kvmstate-counter N boot=ID``,
+``kvmstate-guest: address A.B.C.D``, ``kvmstate-guest: dirty N MiB/s``,
+``kvmstate-guest: clean shutdown``, and ``kvmstate-guest: no cidata seed``.
+
+The script texts, the MBR, the boot config and the module ordering are pure and unit-tested;
+:func:`build_initramfs` and :func:`write_disk_image` run the tools (proven by
+``tests/lab/test_guest_image.py`` on real QEMU).
 """
 
 from __future__ import annotations
