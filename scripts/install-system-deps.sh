@@ -11,6 +11,8 @@ PKGS=(
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils libnfs13 fuse3 nfs-common util-linux
   # libvirt NAT/isolated networks: libvirtd runs dnsmasq (only Recommended by libvirt)
   dnsmasq-base
+  # the lab's bootable disk guest: SYSLINUX (MBR + installer via mtools), FAT, NoCloud ISO
+  syslinux syslinux-common mtools dosfstools genisoimage
   # the tests: the zsh completion script is parsed by zsh itself
   zsh
 )

@@ -142,14 +142,15 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         deadline = time.monotonic() + args.wait
         while True:
             try:
-                value = lab.guest_counter(args.domain)
+                value = lab.guest_reading(args.domain)
             except LabError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
                 continue
             host = lab.guest_host(args.domain)
-            print(f"{args.domain} on {host}: counter {value}")
+            boot = f" boot {value.boot}" if value.boot else ""
+            print(f"{args.domain} on {host}: counter {value.value}{boot}")
             return 0
     raise LabError(f"unknown command {cmd}")
 

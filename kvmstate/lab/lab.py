@@ -412,6 +412,10 @@ class Lab:
     # Guest --------------------------------------------------------------------------------
     def guest_counter(self, domain: str) -> int:
         """The guest's latest counter value, from whichever KVM host runs it."""
+        return self.guest_reading(domain).value
+
+    def guest_reading(self, domain: str) -> guest.CounterReading:
+        """The guest's latest counter value and the boot id that printed it."""
         from kvmstate.lab import virt
 
         if not self.is_up():
@@ -445,7 +449,7 @@ class Lab:
                     return h.name
         return None
 
-    def _counter_from_serial(self, h: HostConfig, xml: str) -> int | None:
+    def _counter_from_serial(self, h: HostConfig, xml: str) -> guest.CounterReading | None:
         import xml.etree.ElementTree as ET
 
         root = ET.fromstring(xml)  # noqa: S314 (our own libvirtd)
@@ -454,12 +458,12 @@ class Lab:
             if not path:
                 continue
             out = self.run(h.name, ["tail", "-c", "4096", path], check=False).stdout
-            value = guest.parse_serial_counter(out)
+            value = guest.parse_serial_reading(out)
             if value is not None:
                 return value
         return None
 
-    def _counter_from_disk(self, h: HostConfig, xml: str) -> int | None:
+    def _counter_from_disk(self, h: HostConfig, xml: str) -> guest.CounterReading | None:
         import xml.etree.ElementTree as ET
 
         root = ET.fromstring(xml)  # noqa: S314 (our own libvirtd)
@@ -470,21 +474,14 @@ class Lab:
             if not path:
                 continue
             fmt = (drv.get("type") if drv is not None else None) or "raw"
-            out = self.run(
-                h.name,
-                ["qemu-io", "-r", "-U", "-f", fmt, "-c", "read -v 0 32", path],
-                check=False,
-            ).stdout
-            data = bytearray()
-            for line in out.splitlines():
-                head, sep, rest = line.partition(":")
-                if sep and all(c in "0123456789abcdef" for c in head.strip()) and head.strip():
-                    for tok in rest.split()[:16]:
-                        if len(tok) == 2:
-                            data.append(int(tok, 16))
-            value = guest.parse_disk_counter(bytes(data))
-            if value is not None:
-                return value
+            for offset in guest.DISK_COUNTER_OFFSETS:
+                read = f"read -v {offset} {guest.DISK_RECORD_BYTES}"
+                out = self.run(
+                    h.name, ["qemu-io", "-r", "-U", "-f", fmt, "-c", read, path], check=False
+                ).stdout
+                value = guest.parse_disk_reading(guest.parse_qemu_io_read(out))
+                if value is not None:
+                    return value
         return None
 
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmstate.lab import exportfs, guest, nfsfuse, specgen
+from kvmstate.lab import exportfs, guest, image, nfsfuse, specgen
 from kvmstate.lab.config import LabConfig
+from kvmstate.lab.proc import LabError
 
 REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def test_topology_addresses() -> None:
@@ -109,6 +111,135 @@ def test_counter_parsers() -> None:
     assert guest.parse_serial_counter("nothing yet") is None
     assert guest.parse_disk_counter(b"KVMSTATE-COUNTER 12\n" + b"\0" * 40) == 12
     assert guest.parse_disk_counter(b"\0" * 64) is None
+
+
+def test_counter_readings_carry_the_boot_id() -> None:
+    text = "kvmstate-counter 40 boot=0a1b2c3d\nkvmstate-counter 41 boot=0a1b2c3d\n"
+    assert guest.parse_serial_reading(text) == guest.CounterReading(41, "0a1b2c3d")
+    assert guest.parse_serial_counter(text) == 41
+    assert guest.parse_serial_reading("kvmstate-counter 7\n") == guest.CounterReading(7, None)
+    record = b"KVMSTATE-COUNTER 12 boot=0a1b2c3d\n" + b"\0" * 40
+    assert guest.parse_disk_reading(record) == guest.CounterReading(12, "0a1b2c3d")
+    assert guest.parse_disk_counter(record) == 12
+    assert str(guest.CounterReading(12, "0a1b2c3d")) == "12 (boot 0a1b2c3d)"
+
+
+def test_disk_guest_serial_log_two_boots() -> None:
+    """Two real boots of the disk guest in one serial file (captured, see fixtures/README)."""
+    text = (FIXTURES / "guest-disk-serial.txt").read_text(errors="replace")
+    first, second = guest.parse_boots(text)
+    assert first.boot == "75c6f45d"
+    assert first.hostname == "guest-one"  # user-data's hostname wins over meta-data
+    assert first.addresses == ["10.0.2.15"]
+    assert (first.first_counter, first.counter, first.resumed_from) == (1, 36, None)
+    assert first.dirty_mib == 4 and first.clean_shutdown
+    assert second.boot == "2aef5de7"
+    assert second.hostname == "meta-only"  # meta-data only (quoted, CRLF)
+    assert second.resumed_from == 36 and second.first_counter == 37
+    assert second.dirty_mib == 16 and not second.addresses and not second.clean_shutdown
+    # the last boot is what the single-value readers report
+    assert guest.parse_serial_reading(text) == guest.CounterReading(second.counter or 0, "2aef5de7")
+    assert guest.parse_hostname(text) == "meta-only"
+    assert guest.parse_address(text) is None
+    assert not guest.parse_clean_shutdown(text)
+    cut = text.index("kvmstate-guest: clean shutdown") + 40
+    assert guest.parse_clean_shutdown(text[:cut])
+    assert guest.parse_address(text[:cut]) == "10.0.2.15"
+
+
+def test_a_log_read_from_its_tail_starts_mid_boot() -> None:
+    text = (
+        "nter 9 boot=aaaaaaaa\nkvmstate-counter 10 boot=aaaaaaaa\n"
+        "kvmstate-guest: clean shutdown\n[   40.4] reboot: Power down\n"
+        "kvmstate-guest: hostname b\n"  # a new boot whose "booted" line was cut off
+        "kvmstate-counter 11 boot=bbbbbbbb\n"
+    )
+    boots = guest.parse_boots(text)
+    assert [(b.boot, b.counter, b.clean_shutdown) for b in boots] == [
+        ("aaaaaaaa", 10, True),
+        ("bbbbbbbb", 11, False),
+    ]
+    assert boots[1].hostname == "b"
+    # the kernel-boot guest has no hostname/shutdown lines: one boot per boot id
+    old = "kvmstate-counter 5 boot=11111111\nkvmstate-counter 1 boot=22222222\n"
+    assert [(b.boot, b.counter) for b in guest.parse_boots(old)] == [
+        ("11111111", 5),
+        ("22222222", 1),
+    ]
+
+
+def test_qemu_io_hex_dump() -> None:
+    out = (
+        "000ffe00:  4b 56 4d 53 54 41 54 45 2d 43 4f 55 4e 54 45 52  KVMSTATE.COUNTER\n"
+        "000ffe10:  20 33 36 20 62 6f 6f 74 3d 37 35 63 36 66 34 35  .36.boot.75c6f45\n"
+        "000ffe20:  64 0a 00 00 00 00 00 00 00 00 00 00 00 00 00 00  d...............\n"
+        "read 48/48 bytes at offset 0xffe00\n"
+    )
+    data = guest.parse_qemu_io_read(out)
+    assert guest.parse_disk_reading(data) == guest.CounterReading(36, "75c6f45d")
+    assert image.COUNTER_OFFSET == 0xFFE00 and image.COUNTER_OFFSET in guest.DISK_COUNTER_OFFSETS
+
+
+def test_mbr_has_one_active_partition_after_the_counter_gap() -> None:
+    sector = image.mbr(b"\xfa" * 440, image.PARTITION_START, 260096, image.FAT16_LBA, 0x1234)
+    assert len(sector) == 512 and sector[:440] == b"\xfa" * 440
+    assert image.parse_mbr_partitions(sector) == [(True, 0x0E, 2048, 260096)]
+    assert image.COUNTER_SECTOR < image.PARTITION_START  # the gap, not the MBR or the FS
+    assert image.COUNTER_SECTOR != 0
+    assert sector[446 + 1 : 446 + 4] == bytes((32, 33, 0))  # CHS of LBA 2048 in 255/63
+    with pytest.raises(ValueError):
+        image.mbr(b"x" * 441, 2048, 1, 0x0E, 0)
+
+
+def test_module_order_puts_dependencies_first() -> None:
+    ko = b"\x7fELF...\0license=GPL\0depends=scsi_mod,cdrom,scsi-common\0name=sr_mod\0"
+    assert image.module_depends(ko) == ["scsi_mod", "cdrom", "scsi_common"]
+    assert image.module_depends(b"\0depends=\0name=cdrom\0") == []
+    deps = {
+        "sr_mod": ["scsi_mod", "cdrom", "scsi_common"],
+        "scsi_mod": ["scsi_common"],
+        "scsi_common": [],
+        "cdrom": [],
+        "isofs": ["cdrom"],
+    }
+    order = image.module_order(["isofs", "sr_mod"], deps)
+    assert order == ["cdrom", "isofs", "scsi_common", "scsi_mod", "sr_mod"]
+    assert image.module_order(["isofs"], {"isofs": ["cdrom"]}, frozenset({"cdrom"})) == ["isofs"]
+    with pytest.raises(LabError, match=r"button .*not in the kernel package"):
+        image.module_order(["button"], deps)
+    with pytest.raises(LabError, match=r"t10_pi \(needed by sd_mod\)"):
+        image.module_order(["sd_mod"], {"sd_mod": ["t10_pi"]})
+
+
+def test_boot_config_carries_the_dirty_rate() -> None:
+    cfg = image.syslinux_cfg(image.kernel_cmdline(32))
+    assert image.parse_syslinux_append(cfg) == "console=ttyS0,115200 kvmstate.dirty=32"
+    assert "INITRD /initrd.img" in cfg and "PROMPT 0" in cfg
+    assert "kvmstate.dirty=4" in image.kernel_cmdline()
+    with pytest.raises(ValueError):
+        image.kernel_cmdline(-1)
+
+
+@pytest.mark.parametrize(
+    "script", [image.INIT, image.POWER_BUTTON, image.UDHCPC_SCRIPT, guest.INIT], ids=str.__len__
+)
+def test_guest_scripts_parse_as_posix_sh(script: str) -> None:
+    import shutil
+    import subprocess
+
+    sh = shutil.which("busybox") or shutil.which("dash") or "sh"
+    argv = [sh, "sh", "-n"] if sh.endswith("busybox") else [sh, "-n"]
+    proc = subprocess.run(argv, input=script, text=True, capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_disk_guest_prints_what_the_readers_parse() -> None:
+    """The init's own lines match the readers (the boot test proves them on real QEMU)."""
+    assert 'say "hostname $NAME"' in image.INIT and "say() {" in image.INIT
+    assert f'echo "{image.GUEST_PREFIX} clean shutdown"' in image.POWER_BUTTON
+    assert f'echo "{image.GUEST_PREFIX} address $ip"' in image.UDHCPC_SCRIPT
+    assert 'echo "kvmstate-counter $n boot=$BOOT"' in image.INIT
+    assert "kvmstate.dirty=*" in image.INIT and "kvmstate_dirty" in image.INIT
 
 
 def test_cli_refuses_without_root(
