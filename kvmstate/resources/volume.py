@@ -686,8 +686,27 @@ class VolumeResource(Resource[VolumeObs]):
                     f"volume {self.name}: sha256 of {host}:{v.file.path} is {sha}, the spec "
                     f"says {v.sha256}; the copy was deleted"
                 )
+        if host != self.h:
+            await self._look_up_by_name(ctx)
         await self._refresh(ctx, self.h)
         return sha
+
+    async def _look_up_by_name(self, ctx: RunContext, tries: int = 20) -> None:
+        """A file written on the NFS server is seen by a client's directory listing (which
+        libvirt's pool refresh reads) only once the client has revalidated the directory: an
+        NFS client (and NFS-Ganesha's own cache) may serve the old listing for a while. A
+        lookup BY NAME goes to the server, and makes the entry known: ``test -e`` the new path
+        on the volume's host, a bounded number of times, before the pool is refreshed."""
+        path = posixpath.join(self.spec.pools[self.v.pool].path, self.name)
+        sh = ctx.shell(self.h)
+        for _ in range(tries):
+            if (await sh.run(["test", "-e", path], check=False)).ok:
+                return
+            await asyncio.sleep(0.5)
+        raise KvmstateError(
+            f"volume {self.name}: copied on the NFS server, but {self.h} does not see "
+            f"{path} after {tries * 0.5:.0f} s (NFS attribute caching?)"
+        )
 
     async def _stream(
         self, ctx: RunContext, data: VolumeImage, undo: list[Callable[[], Awaitable[None]]]
