@@ -1,5 +1,7 @@
 """Resource kinds, in dependency order: packages -> subvolume -> export -> mount -> pool ->
-volume -> domain -> placement (each host's packages come before everything on that host)."""
+volume -> domain -> placement (each host's packages come before everything on that host). The
+seed (a domain's cloud-init ISO) is listed after the domain whose ``cloud_init:`` it documents;
+the graph puts it between its pool and its domain."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from kvmstate.resources.packages import PackagesResource
 from kvmstate.resources.placement import PlacementResource
 from kvmstate.resources.pool import PoolResource
 from kvmstate.resources.registry import Registry
+from kvmstate.resources.seed import SeedResource
 from kvmstate.resources.subvolume import SubvolumeResource
 from kvmstate.resources.volume import VolumeResource
 
@@ -24,6 +27,7 @@ KINDS: tuple[type[Resource[Any]], ...] = (
     PoolResource,
     VolumeResource,
     DomainResource,
+    SeedResource,
     PlacementResource,
 )
 
@@ -52,6 +56,7 @@ __all__ = [
     "PackagesResource",
     "PlacementResource",
     "PoolResource",
+    "SeedResource",
     "SubvolumeResource",
     "VolumeResource",
     "needs_for_host",

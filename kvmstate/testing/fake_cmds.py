@@ -12,6 +12,7 @@ a bug in those parsers then shows up in the fake tests instead of being mirrored
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -64,6 +65,7 @@ class FakeFile:
     group: str = "root"
     mode: str = "0644"
     size: int = 0
+    data: bytes | None = None  # binary content (a seed ISO); None: ``content`` is the text
 
 
 def is_under(path: str, base: str) -> bool:
@@ -217,6 +219,24 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             if p not in fh.files:
                 raise Fail(f"stat: cannot statx '{path}': No such file or directory")
             return f"{fh.files[p].owner}:{fh.files[p].group}\n"
+        case ("stat", "-c", "%a", "--", path):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"stat: cannot statx '{path}': No such file or directory")
+            return f"{int(fh.files[p].mode, 8):o}\n"  # stat prints 600, not 0600
+        case ("sha256sum", "--", path):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"sha256sum: {path}: No such file or directory")
+            f = fh.files[p]
+            body = f.data if f.data is not None else f.content.encode()
+            return f"{hashlib.sha256(body).hexdigest()}  {path}\n"
+        case ("chmod", mode, "--", path) if re.fullmatch(r"[0-7]{3,4}", mode):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"chmod: cannot access '{path}': No such file or directory")
+            fh.files[p].mode = mode.zfill(4)
+            return ""
         case ("chown", owner_group, "--", path):
             owner, _, group = owner_group.partition(":")
             if (owner and owner not in h.users) or (group and group not in h.groups):

@@ -113,6 +113,7 @@ def test_expand_and_dependencies(spec: Spec) -> None:
         "pool",
         "volume",
         "domain",
+        "seed",
         "placement",
     ]
     assert set(find(spec, "domain").hosts()) == {"kvm-1", "kvm-2"}
