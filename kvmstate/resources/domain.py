@@ -102,9 +102,10 @@ def config_diffs(
         names += ["kernel", "initrd", "cmdline"] + (["firmware"] if d.boot.firmware else [])
     if d.serial is not None:
         names.append("serial")
-    # the seed CD-ROM: compared when the spec has cloud_init, or to detach kvmstate's seed
-    # when cloud_init was taken away (any other CD-ROM is not kvmstate's business)
-    if d.cloud_init is not None or any(c.path.endswith(SEED_SUFFIX) for c in have.cdroms):
+    # CD-ROMs: only where the spec has one (cloud_init's seed); one the spec does not
+    # describe is not compared (an imported domain's, a seed left after cloud_init was
+    # taken off: detach it by hand), though a redefinition by kvmstate does not keep it
+    if d.cloud_init is not None:
         names.append("cdroms")
     names.append("guest_agent")
     out = []
@@ -496,6 +497,8 @@ def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | 
     if cfg.serial is not None:
         kind, path = cfg.serial
         data["serial"] = {"type": kind, **({"path": path} if path else {})}
+    if cfg.guest_agent:
+        data["guest_agent"] = True
     data |= {"state": _DOMAIN_STATES[st.state], "autostart": st.autostart, "host": inv.host}
     return data
 
@@ -524,6 +527,18 @@ def import_domains(invs: Sequence[Inventory], out: Imported, existing: Existing)
                 out.notes.append(
                     f"{inv.host}: domain {dom.name} was not created by kvmstate: plan shows it "
                     "as `managed: false -> true`; `apply --adopt` redefines it from the spec"
+                )
+            for cd in dom.state.config.cdroms:
+                what_cd = (
+                    "a cloud-init seed CD-ROM"
+                    if cd.path.endswith(SEED_SUFFIX)
+                    else "a CD-ROM the spec cannot describe"
+                )
+                out.notes.append(
+                    f"{inv.host}: domain {dom.name} has {what_cd} ({cd.path or 'empty'}), left "
+                    "out: a seed's password hashes and keys cannot be read back into "
+                    "cloud_init, so add `cloud_init:` by hand (kvmstate then writes its own "
+                    "seed, applied at the next boot); a redefinition by kvmstate would detach it"
                 )
             extra = sorted(set(dom.devices) - _MODELED_DEVICES)
             if extra:

@@ -14,6 +14,7 @@ import pytest
 from fakelab import LAB_SPEC, converge, converge_upto, find, plan, prepare, run
 from rich.console import Console
 
+from kvmstate import importer
 from kvmstate.cli import views
 from kvmstate.cloudinit import PAD, build_seed, read_iso, secret_digest
 from kvmstate.engine import Engine
@@ -302,3 +303,18 @@ def test_secrets_never_reach_plans_json_logs_events_or_the_journal(
     assert "(secret, sha256 " in everything
     for secret in (HASH, KEY_BODY, "s3cr3t-token-1234", "$6$rounds"):
         assert secret not in everything, secret
+
+
+def test_import_names_the_seed_cd_rom_it_leaves_out(ci_spec: Spec, ci_cluster: FakeCluster) -> None:
+    report = run(Engine(REGISTRY.graph(ci_spec), RunContext(ci_spec, ci_cluster)).apply())
+    assert report.converged, report.as_dict()
+    hosts = {h: ci_spec.hosts[h].address for h in ci_spec.hosts}
+    invs = run(importer.gather(ci_cluster, hosts))
+    base = {"version": 1, "hosts": {h: {"address": a} for h, a in hosts.items()}}
+    got = importer.build(invs, base)
+    text = importer.render_yaml(importer.merged(base, got), got.notes, "test import")
+    assert "cloud_init" not in got.data["domains"]["guest"]
+    assert any("a cloud-init seed CD-ROM" in n and ISO in n for n in got.notes), got.notes
+    imported = REGISTRY.parse(text).spec
+    again = run(Engine(REGISTRY.graph(imported), RunContext(imported, ci_cluster)).plan())
+    assert not again.has_changes, [c.as_dict() for c in again.pending]
