@@ -41,15 +41,19 @@ _ISO_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SeedFiles:
-    """The files of a NoCloud seed, as bytes, and what can be shown of them."""
+    """The files of a NoCloud seed, as bytes, and what can be shown of them (its repr shows
+    no content)."""
 
     meta_data: bytes
     user_data: bytes
     network_config: bytes | None
     instance_id: str
     hostname: str
+
+    def __repr__(self) -> str:
+        return f"SeedFiles(instance_id={self.instance_id!r}, hostname={self.hostname!r})"
 
     def files(self) -> dict[str, bytes]:
         out = {"meta-data": self.meta_data, "user-data": self.user_data}
@@ -176,12 +180,16 @@ def build_iso(files: Mapping[str, bytes]) -> bytes:
     return image + b"\0" * (-len(image) % PAD)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Seed:
-    """A domain's seed: its files, the ISO, and its identity (the ISO's sha256)."""
+    """A domain's seed: its files, the ISO, and its identity (the ISO's sha256). Its repr
+    (in a log line, an error naming a call's arguments) shows no content."""
 
     files: SeedFiles
     image: bytes
+
+    def __repr__(self) -> str:
+        return f"<cloud-init seed {self.files.instance_id}, {len(self.image)} bytes, {self.shown}>"
 
     @property
     def sha256(self) -> str:

@@ -135,13 +135,15 @@ def seed_volume_xml(name: str, capacity: int) -> str:
     )
 
 
-def write_seed_volume(conn: Any, pool_name: str, name: str, image: bytes) -> None:
+def write_seed_volume(conn: Any, pool_name: str, name: str, seed: Seed) -> None:
     """Create (or reuse, when the size is the same) the raw volume ``name`` in the pool and
-    write ``image`` into it through libvirt's upload stream (``virStorageVolUpload`` +
+    write the seed's image into it through libvirt's upload stream (``virStorageVolUpload`` +
     ``virStream``), over the host's existing libvirt connection. Blocking: call it through
     ``Libvirt.run``. An existing volume of the same size is written in place (the same file:
     a guest that has it open sees the new seed at its next boot); one of another size is
-    replaced."""
+    replaced. ``seed`` travels whole, never as bytes: an error names the call's arguments,
+    and a seed's repr shows no content."""
+    image = seed.image
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"invalid seed volume name {name!r}")
     pool = conn.storagePoolLookupByName(pool_name)
@@ -388,7 +390,7 @@ class SeedResource(Resource[SeedObs]):
                 seed.files.instance_id,
                 len(seed.image),
             )
-            await lv.run(write_seed_volume, conn, self.pool, self.volume, seed.image)
+            await lv.run(write_seed_volume, conn, self.pool, self.volume, seed)
             await self._refresh_others(ctx)
         if cur is not None and cur.mode is not None and too_open(cur.mode):
             self.log.info("%s: chmod %s %s", self.h, SEED_MODE, self.path)

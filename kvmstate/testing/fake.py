@@ -337,9 +337,10 @@ class FakeLibvirt:
             dom.shutdown()
         return True
 
-    def _write_seed(self, conn: Any, pool_name: str, name: str, image: bytes) -> None:
+    def _write_seed(self, conn: Any, pool_name: str, name: str, seed_: Any) -> None:
         """The test driver has no virStorageVolUpload: the volume is created (mode 0600, like
         the real call's XML asks) and the bytes land in the fake file."""
+        image: bytes = seed_.image
         pool = conn.storagePoolLookupByName(pool_name)
         if name not in pool.listVolumes():
             pool.createXML(_volume_xml(name, len(image)), 0)

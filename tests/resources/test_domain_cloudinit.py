@@ -299,6 +299,12 @@ def test_secrets_never_reach_plans_json_logs_events_or_the_journal(
     texts.append(json.dumps([dict(e) for e in events], default=str))
     texts.append(caplog.text)
     texts += [repr(spec), repr(own), str(spec.model_dump(mode="json"))]
+    # a seed travels to the upload call whole: an error naming the call's arguments, or a log
+    # line, shows its repr
+    for s in (spec, own):
+        seed = find(s, "seed").seed  # type: ignore[attr-defined]
+        texts += [repr(seed), repr(seed.files)]
+        assert "cloud-init seed kvmstate-guest-" in repr(seed)
     everything = "\n".join(texts)
     assert "(secret, sha256 " in everything
     for secret in (HASH, KEY_BODY, "s3cr3t-token-1234", "$6$rounds"):
