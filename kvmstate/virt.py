@@ -317,6 +317,28 @@ def destroy_domain(conn: Any, name: str) -> None:
         dom.destroy()
 
 
+def shutdown_domain(conn: Any, name: str, agent: bool) -> bool:
+    """Ask the guest to power itself off: the guest agent first when the domain has one
+    (``agent``), the ACPI power button otherwise or when the agent does not answer (libvirt
+    tries them in that order). Returns at once, before the guest is off; False when the
+    domain was not running."""
+    dom = lookup_domain(conn, name)
+    if dom is None or not dom.isActive():
+        return False
+    lv = _libvirt()
+    flags = lv.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+    if agent:
+        flags |= lv.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+    dom.shutdownFlags(flags)
+    return True
+
+
+def domain_state(conn: Any, name: str) -> str | None:
+    """The domain's state name (``running``, ``shut-off``...), None when not defined."""
+    dom = lookup_domain(conn, name)
+    return None if dom is None else domain_state_name(dom.state()[0])
+
+
 def set_domain_autostart(conn: Any, name: str, on: bool) -> None:
     conn.lookupByName(name).setAutostart(1 if on else 0)
 

@@ -96,6 +96,19 @@ class NicConfig:
 
 
 @dataclass(frozen=True)
+class CdromConfig:
+    """A CD-ROM (kvmstate attaches one: the cloud-init seed, read-only)."""
+
+    path: str
+    bus: str | None
+    target: str | None
+    readonly: bool = True
+
+
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     """The managed fields of a domain definition (persistent or live)."""
 
@@ -111,10 +124,21 @@ class DomainConfig:
     serial: tuple[str, str | None] | None = None
     managed: bool = False
     current_kib: int = 0  # currentMemory (the balloon target)
+    cdroms: tuple[CdromConfig, ...] = ()
+    guest_agent: bool = False  # the QEMU guest agent's virtio channel
 
 
-def desired_config(spec: Domain, disk_paths: list[tuple[str, str]]) -> DomainConfig:
-    """The managed fields the spec asks for. ``disk_paths``: (path, format) per disk."""
+def cdrom_target(bus: str, disk_targets: list[str]) -> str:
+    """The first free target name for a CD-ROM on ``bus`` (sd? for sata, hdc.. for ide)."""
+    names = [f"sd{chr(c)}" for c in range(97, 123)] if bus == "sata" else ["hdc", "hdd", "hda"]
+    return next(n for n in names if n not in disk_targets)
+
+
+def desired_config(
+    spec: Domain, disk_paths: list[tuple[str, str]], seed_path: str | None = None
+) -> DomainConfig:
+    """The managed fields the spec asks for. ``disk_paths``: (path, format) per disk;
+    ``seed_path``: the cloud-init seed ISO, attached as a read-only CD-ROM."""
     disks = []
     for i, (d, (path, fmt)) in enumerate(zip(spec.disks, disk_paths, strict=True)):
         prefix = {"virtio": "vd", "ide": "hd"}.get(d.bus, "sd")
@@ -125,6 +149,11 @@ def desired_config(spec: Domain, disk_paths: list[tuple[str, str]]) -> DomainCon
     )
     boot = spec.boot
     serial = (spec.serial.type, spec.serial.path) if spec.serial else None
+    cdroms: tuple[CdromConfig, ...] = ()
+    if seed_path is not None and spec.cloud_init is not None:
+        bus = spec.cloud_init.bus
+        target = cdrom_target(bus, [d.target or "" for d in disks])
+        cdroms = (CdromConfig(seed_path, bus, target, True),)
     return DomainConfig(
         spec.type,
         spec.memory // 1024,
@@ -138,6 +167,8 @@ def desired_config(spec: Domain, disk_paths: list[tuple[str, str]]) -> DomainCon
         serial,
         True,
         spec.memory // 1024,
+        cdroms,
+        spec.guest_agent,
     )
 
 
@@ -173,6 +204,13 @@ def build_domain_xml(name: str, c: DomainConfig) -> str:
         ET.SubElement(disk, "driver", name="qemu", type=d.format or "raw", cache=d.cache or "none")
         ET.SubElement(disk, "source", file=d.path)
         ET.SubElement(disk, "target", dev=d.target or "vda", bus=d.bus or "virtio")
+    for cd in c.cdroms:
+        disk = ET.SubElement(devices, "disk", type="file", device="cdrom")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        ET.SubElement(disk, "source", file=cd.path)
+        ET.SubElement(disk, "target", dev=cd.target or "sda", bus=cd.bus or "sata")
+        if cd.readonly:
+            ET.SubElement(disk, "readonly")
     for n in c.nics:
         nic = ET.SubElement(devices, "interface", type=n.kind)
         if n.mac:
@@ -187,6 +225,9 @@ def build_domain_xml(name: str, c: DomainConfig) -> str:
             if path:
                 ET.SubElement(el, "source", path=path)
             ET.SubElement(el, "target", port="0")
+    if c.guest_agent:
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -217,6 +258,20 @@ def parse_domain_xml(xml: str) -> DomainConfig:
                 tgt.get("dev") if tgt is not None else None,
             )
         )
+    cdroms = []
+    for d in root.findall("devices/disk[@device='cdrom']"):
+        src, tgt = d.find("source"), d.find("target")
+        cdroms.append(
+            CdromConfig(
+                (src.get("file") or "") if src is not None else "",
+                tgt.get("bus") if tgt is not None else None,
+                tgt.get("dev") if tgt is not None else None,
+                d.find("readonly") is not None,
+            )
+        )
+    agent = any(
+        t.get("name") == GUEST_AGENT_CHANNEL for t in root.findall("devices/channel/target")
+    )
     nics = []
     for n in root.findall("devices/interface"):
         kind = n.get("type", "")
@@ -250,6 +305,8 @@ def parse_domain_xml(xml: str) -> DomainConfig:
         serial,
         root.find(f"metadata/{{{NS}}}managed") is not None,
         _kib(root.find("currentMemory")) or _kib(root.find("memory")),
+        tuple(cdroms),
+        agent,
     )
 
 

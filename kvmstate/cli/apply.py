@@ -28,6 +28,7 @@ class ApplyArgs:
     auto_approve: bool
     allow_destroy: bool
     adopt: bool
+    restart_pending: bool
     json: bool
     max_rounds: int
     lock_timeout: float
@@ -78,6 +79,7 @@ def apply(args: ApplyArgs, loaded: LoadedSpec, out: Console, err: Console) -> in
             events=printer,
             allow_destroy=args.allow_destroy,
             adopt=args.adopt,
+            restart_pending=args.restart_pending,
             max_rounds=args.max_rounds,
         )
         # every SSH and libvirt connection the plan needs opens while the cluster lock is

@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take over existing domains that kvmstate did not create",
     )
+    ap.add_argument(
+        "--restart-pending",
+        action="store_true",
+        help="restart running domains whose changes wait for a restart (graceful shutdown, "
+        "then start)",
+    )
     ap.add_argument("--json", action="store_true", help="events and the report as JSON lines")
     ap.add_argument("--max-rounds", type=int, default=3, help="convergence rounds (default 3)")
     ap.add_argument(
@@ -163,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("spec")
     ev.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
     ev.add_argument("--json", action="store_true", help="events and the report as JSON lines")
-    ev.set_defaults(allow_destroy=False, adopt=False, max_rounds=3, lock_timeout=0.0)
+    ev.set_defaults(
+        allow_destroy=False, adopt=False, restart_pending=False, max_rounds=3, lock_timeout=0.0
+    )
 
     sh = cmd("show", "print the observed state of every resource as a table")
     sh.add_argument("spec")

@@ -59,6 +59,8 @@ def _change_lines(c: Change, *, verbose: bool = False, deferred: bool = False) -
                     f"{d.field}: {fmt_value(d.before)} → {fmt_value(d.after)}", style="yellow"
                 )
                 out.append(Hanging(line, indent=6))
+            if c.reason:  # says how to converge it (apply --restart-pending)
+                out.append(Hanging(Text(c.reason, style="dim"), indent=6))
         elif verbose:
             out.append(
                 Hanging(Text(f"{c.id}  ({c.reason or 'no changes'})", style="dim"), indent=4)

@@ -60,6 +60,7 @@ def engine_for(
     events: Callable[[Event], None] | None = None,
     allow_destroy: bool = False,
     adopt: bool = False,
+    restart_pending: bool = False,
     assume_empty: bool = False,
     max_rounds: int = 3,
 ) -> tuple[Engine, Transports]:
@@ -74,9 +75,8 @@ def engine_for(
         from kvmstate.transport.real import RealTransports
 
         transports = RealTransports(loaded.spec)
-    ctx = RunContext(
-        loaded.spec, transports, Options(allow_destroy=allow_destroy, adopt=adopt), events
-    )
+    options = Options(allow_destroy=allow_destroy, adopt=adopt, restart_pending=restart_pending)
+    ctx = RunContext(loaded.spec, transports, options, events)
     return Engine(graph, ctx, EngineConfig(max_rounds=max_rounds)), transports
 
 

@@ -56,6 +56,8 @@ def private_libvirtd(root: Path) -> Iterator[tuple[str, int]]:
         f.write(
             '\nuser = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
             'security_driver = "none"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n'
+            # no virtlogd in the private namespace: QEMU's console log goes to a file
+            'stdio_handler = "file"\n'
         )
     (root / "run.sh").write_text(RUN.format(root=root))
     log = root / "libvirtd.log"

@@ -1,5 +1,7 @@
 """Resource kinds, in dependency order: packages -> subvolume -> export -> mount -> pool ->
-volume -> domain -> placement (each host's packages come before everything on that host)."""
+volume -> domain -> placement (each host's packages come before everything on that host). The
+seed (a domain's cloud-init ISO) is listed after the domain whose ``cloud_init:`` it documents;
+the graph puts it between its pool and its domain."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from kvmstate.resources.packages import PackagesResource
 from kvmstate.resources.placement import PlacementResource
 from kvmstate.resources.pool import PoolResource
 from kvmstate.resources.registry import Registry
+from kvmstate.resources.seed import SeedResource
 from kvmstate.resources.subvolume import SubvolumeResource
 from kvmstate.resources.volume import VolumeResource
 
@@ -26,6 +29,7 @@ KINDS: tuple[type[Resource[Any]], ...] = (
     VolumeResource,
     NetworkResource,
     DomainResource,
+    SeedResource,
     PlacementResource,
 )
 
@@ -54,6 +58,7 @@ __all__ = [
     "PackagesResource",
     "PlacementResource",
     "PoolResource",
+    "SeedResource",
     "SubvolumeResource",
     "VolumeResource",
     "needs_for_host",

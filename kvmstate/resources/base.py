@@ -49,6 +49,9 @@ class Options:
 
     allow_destroy: bool = False
     adopt: bool = False
+    # restart running guests whose config changes wait for a restart (graceful shutdown,
+    # then start): `apply --restart-pending`
+    restart_pending: bool = False
 
 
 class RunContext:

@@ -5,10 +5,19 @@ disks' pools); its config is managed wherever it is defined (moving it is the pl
 Defined on two hosts at once is an error and nothing is started. Persistent config changes
 are applied by redefining; memory/vCPU changes are then tried live (``setMemoryFlags`` /
 ``setVcpusFlags`` with AFFECT_LIVE) and whatever libvirt refuses stays "pending restart" (NOOP
-with pending diffs): a guest is never restarted behind the operator's back. ``state:
-shut-off`` destroys the guest (no graceful ACPI shutdown: the lab's TCG busybox guest does not
-answer it; documented limitation). A domain without kvmstate's ``<metadata>`` marker is only
-adopted with ``--adopt``.
+with pending diffs): a guest is never restarted behind the operator's back. It is restarted
+only when asked: ``apply --restart-pending`` (this run) or ``restart: on-change`` (this
+domain); the plan then shows the restart, and apply shuts the guest down gracefully and starts
+it again.
+
+Shutting down (``state: shut-off``, a restart) is graceful: the guest agent when the domain has
+one (``guest_agent: true``), the ACPI power button otherwise (the XML always has
+``<features><acpi/>``); kvmstate waits up to ``shutdown_timeout`` for the guest to power off,
+then powers it off (``destroy``), saying so in the log and as a message event.
+``shutdown_timeout: 0`` powers off at once. ``state: absent`` still destroys at once.
+
+A domain with ``cloud_init:`` gets its seed ISO (the ``seed`` kind) as a read-only CD-ROM.
+A domain without kvmstate's ``<metadata>`` marker is only adopted with ``--adopt``.
 """
 
 from __future__ import annotations
@@ -22,14 +31,18 @@ from kvmstate import spec as spec_models
 from kvmstate import virt, virtxml
 from kvmstate.errors import KvmstateError
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, DriftClass, FieldDiff
+from kvmstate.model import Action, Change, DriftClass, FieldDiff, Message
 from kvmstate.resources import prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.imports import DomainInfo, Existing, Imported, Inventory
+from kvmstate.resources.seed import SEED_SUFFIX, seed_path, seed_pool
 from kvmstate.spec import Domain, Spec, is_valid_name
-from kvmstate.units import format_size
+from kvmstate.units import format_duration, format_size
 from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
+
+# how often a shutdown in progress looks at the domain's state
+SHUTDOWN_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class DomainObs:
     state: str
     autostart: bool
     adopt: bool = False  # the run allows adopting an unmarked domain (from ctx.options)
+    restart_pending: bool = False  # the run may restart it (apply --restart-pending)
 
 
 def domain_hosts(spec: Spec, name: str) -> list[str]:
@@ -88,6 +102,12 @@ def config_diffs(
         names += ["kernel", "initrd", "cmdline"] + (["firmware"] if d.boot.firmware else [])
     if d.serial is not None:
         names.append("serial")
+    # CD-ROMs: only where the spec has one (cloud_init's seed); one the spec does not
+    # describe is not compared (an imported domain's, a seed left after cloud_init was
+    # taken off: detach it by hand), though a redefinition by kvmstate does not keep it
+    if d.cloud_init is not None:
+        names.append("cdroms")
+    names.append("guest_agent")
     out = []
     for f in names:
         w, h = getattr(want, f), getattr(have, f)
@@ -153,7 +173,7 @@ class DomainResource(Resource[DomainObs]):
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, None)
         self.d: Domain = spec.domains[name]
-        self.want = desired_config(self.d, disk_sources(spec, self.d))
+        self.want = desired_config(self.d, disk_sources(spec, self.d), seed_path(spec, name))
 
     @classmethod
     def expand(cls, spec: Spec) -> Iterable[DomainResource]:
@@ -180,6 +200,9 @@ class DomainResource(Resource[DomainObs]):
             deps.add(ResourceId("volume", disk.volume, self.spec.pools[vol.pool].hosts[0]))
             if self.d.host in self.spec.pools[vol.pool].hosts:
                 deps.add(ResourceId("pool", vol.pool, self.d.host))
+        pool = seed_pool(self.spec, self.name)
+        if pool is not None and pool in self.spec.pools:
+            deps.add(ResourceId("seed", self.name, self.spec.pools[pool].hosts[0]))
         return frozenset(deps)
 
     async def observe(self, ctx: RunContext) -> DomainObs | None:
@@ -193,7 +216,28 @@ class DomainResource(Resource[DomainObs]):
         if not found:
             return None
         h, st = next(iter(found.items()))
-        return DomainObs(h, st.config, st.live, st.state, st.autostart, ctx.options.adopt)
+        return DomainObs(
+            h,
+            st.config,
+            st.live,
+            st.state,
+            st.autostart,
+            ctx.options.adopt,
+            ctx.options.restart_pending,
+        )
+
+    def restart_fields(self, live: DomainConfig) -> list[FieldDiff]:
+        """What the running guest lacks of the spec and gets only by a restart (the balloon,
+        set back live when it fits under the live maximum, is not among them)."""
+        return [
+            x
+            for x in config_diffs(self.want, live, self.d, "pending-restart")
+            if not (x.field == "current_kib" and self.want.memory_kib <= live.memory_kib)
+        ]
+
+    def _restart_diff(self) -> FieldDiff:
+        how = f"graceful shutdown (up to {format_duration(self.d.shutdown_timeout)}), then start"
+        return diff("restart", None, how, "runtime")
 
     def diff(self, observed: DomainObs | None) -> Change:
         d = self.d
@@ -221,8 +265,16 @@ class DomainResource(Resource[DomainObs]):
             diffs.append(diff("managed", False, True))
         if o.autostart != d.autostart:
             diffs.append(diff("autostart", o.autostart, d.autostart))
+        may_restart = d.restart == "on-change" or o.restart_pending
         if (o.state == "running") != (d.state == "running"):
             diffs.append(diff("state", o.state, d.state, "runtime"))
+        elif (
+            o.live is not None
+            and d.state == "running"
+            and may_restart
+            and (restart := self.restart_fields(o.live))
+        ):
+            diffs += [*restart, self._restart_diff()]
         elif o.live is not None and d.state == "running" and not diffs:
             pending = config_diffs(self.want, o.live, d, "pending-restart")
             # the balloon can be set back live (up to the live maximum): runtime drift
@@ -237,7 +289,8 @@ class DomainResource(Resource[DomainObs]):
             elif pending:
                 return self.noop(
                     f"domain {self.name} {o.state} on {o.host}; persistent config applied, "
-                    "live guest pending restart",
+                    "live guest pending restart: `kvmstate apply --restart-pending` (or "
+                    "restart: on-change) restarts it with a graceful shutdown",
                     pending,
                 )
         if not diffs:
@@ -270,15 +323,70 @@ class DomainResource(Resource[DomainObs]):
             self.log.info("%s: domain %s autostart=%s", host, self.name, self.d.autostart)
             await lv.run(virt.set_domain_autostart, conn, self.name, self.d.autostart)
         running = cur is not None and cur.state == "running"
+        may_restart = self.d.restart == "on-change" or ctx.options.restart_pending
         if self.d.state == "running" and not running:
             self.log.info("%s: starting domain %s", host, self.name)
             await lv.run(virt.start_domain, conn, self.name)
         elif self.d.state == "shut-off" and cur is not None and cur.state != "shut-off":
-            self.log.info("%s: destroying (powering off) domain %s", host, self.name)
-            await lv.run(virt.destroy_domain, conn, self.name)
+            await self.shutdown(ctx, host)
         elif running and cur is not None and cur.live is not None:
-            await self._live_resize(ctx, host, cur.live)
+            restart = self.restart_fields(cur.live) if may_restart else []
+            if restart:
+                fields = ", ".join(x.field for x in restart)
+                self.log.info("%s: restarting domain %s to apply %s", host, self.name, fields)
+                await self.shutdown(ctx, host)
+                self.log.info("%s: starting domain %s", host, self.name)
+                await lv.run(virt.start_domain, conn, self.name)
+                ctx.emit(Message(f"domain {self.name} on {host}: restarted to apply {fields}"))
+            else:
+                await self._live_resize(ctx, host, cur.live)
         return await self.observe(ctx)
+
+    async def shutdown(self, ctx: RunContext, host: str) -> str:
+        """Shut the guest down gracefully: ask it (guest agent, ACPI power button), wait up to
+        ``shutdown_timeout`` for it to power off, then power it off. Returns how it ended:
+        ``guest`` (it shut itself down), ``power-off`` (forced), ``not-running``."""
+        lv = ctx.libvirt(host)
+        conn = await lv.connect()
+        timeout = self.d.shutdown_timeout
+        limit = format_duration(timeout)
+        if timeout > 0:
+            how = (
+                "guest agent, then ACPI power button" if self.d.guest_agent else "ACPI power button"
+            )
+            self.log.info(
+                "%s: shutting down domain %s (%s; waiting up to %s)", host, self.name, how, limit
+            )
+            try:
+                asked = await lv.run(virt.shutdown_domain, conn, self.name, self.d.guest_agent)
+            except KvmstateError as e:
+                self.log.warning("%s: the shutdown request for %s failed: %s", host, self.name, e)
+                asked = True  # still running: powered off below
+            if not asked:
+                return "not-running"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while True:
+                state = await lv.run(virt.domain_state, conn, self.name)
+                waited = loop.time() - started
+                if state in (None, "shut-off"):
+                    text = f"domain {self.name} on {host}: the guest shut down in {waited:.1f}s"
+                    self.log.info("%s", text)
+                    ctx.emit(Message(text))
+                    return "guest"
+                if waited >= timeout:
+                    break
+                await asyncio.sleep(min(SHUTDOWN_POLL, timeout - waited))
+            text = (
+                f"domain {self.name} on {host} did not shut down within {limit} "
+                "(shutdown_timeout): powering it off"
+            )
+            self.log.warning("%s", text)
+            ctx.emit(Message(text))
+        else:
+            self.log.info("%s: powering off domain %s (shutdown_timeout: 0)", host, self.name)
+        await lv.run(virt.destroy_domain, conn, self.name)
+        return "power-off"
 
     async def _live_resize(self, ctx: RunContext, host: str, live: DomainConfig) -> None:
         lv = ctx.libvirt(host)
@@ -389,6 +497,8 @@ def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | 
     if cfg.serial is not None:
         kind, path = cfg.serial
         data["serial"] = {"type": kind, **({"path": path} if path else {})}
+    if cfg.guest_agent:
+        data["guest_agent"] = True
     data |= {"state": _DOMAIN_STATES[st.state], "autostart": st.autostart, "host": inv.host}
     return data
 
@@ -417,6 +527,18 @@ def import_domains(invs: Sequence[Inventory], out: Imported, existing: Existing)
                 out.notes.append(
                     f"{inv.host}: domain {dom.name} was not created by kvmstate: plan shows it "
                     "as `managed: false -> true`; `apply --adopt` redefines it from the spec"
+                )
+            for cd in dom.state.config.cdroms:
+                what_cd = (
+                    "a cloud-init seed CD-ROM"
+                    if cd.path.endswith(SEED_SUFFIX)
+                    else "a CD-ROM the spec cannot describe"
+                )
+                out.notes.append(
+                    f"{inv.host}: domain {dom.name} has {what_cd} ({cd.path or 'empty'}), left "
+                    "out: a seed's password hashes and keys cannot be read back into "
+                    "cloud_init, so add `cloud_init:` by hand (kvmstate then writes its own "
+                    "seed, applied at the next boot); a redefinition by kvmstate would detach it"
                 )
             extra = sorted(set(dom.devices) - _MODELED_DEVICES)
             if extra:

@@ -10,13 +10,16 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BeforeValidator,
+    ConfigDict,
     Field,
+    SecretStr,
     WithJsonSchema,
     model_validator,
 )
 
 from kvmstate.spec.values import (
     _DISK_TARGET_RE,
+    _HOSTNAME_RE,
     _MAC_RE,
     AbsPath,
     Address,
@@ -511,6 +514,148 @@ class Placement(Model):
     )
 
 
+# --- cloud-init (the NoCloud seed of a domain) ----------------------------------------------------
+# Secrets (password hashes, SSH keys, user-data) are ``SecretStr``: masked in every repr and
+# dump, and no validator below puts the value in its message (spec errors are shown, logged
+# and printed with --json).
+
+_CRYPT_RE = re.compile(r"^\$(1|5|6|y|gy|7|2[abxy]?)\$[A-Za-z0-9./$=,]{8,}$")
+_SSH_KEY_RE = re.compile(
+    r"^(?:[A-Za-z0-9,=\"-]+ )?"  # options (restrict, from="..."): rarely used, kept simple
+    r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)"
+    r"@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\n\r]*)?$"
+)
+_USER_DATA_HEADERS = (
+    "#cloud-config",
+    "#!",
+    "#include",
+    "#cloud-boothook",
+    "#part-handler",
+    "#cloud-config-archive",
+    "Content-Type:",
+)
+
+
+def _check_crypt(value: SecretStr) -> SecretStr:
+    if not _CRYPT_RE.fullmatch(value.get_secret_value()):
+        raise ValueError(
+            "password_hash must be a crypt(3) hash such as one from `mkpasswd -m sha-512` "
+            "($6$...), never a plain password (the value is not shown)"
+        )
+    return value
+
+
+def _check_ssh_key(value: SecretStr) -> SecretStr:
+    if not _SSH_KEY_RE.fullmatch(value.get_secret_value().strip()):
+        raise ValueError(
+            "not an SSH public key on one line (ssh-ed25519 AAAA... comment); the value is "
+            "not shown"
+        )
+    return value
+
+
+def _check_user_data(value: SecretStr) -> SecretStr:
+    text = value.get_secret_value()
+    if not text.strip():
+        raise ValueError("user_data is empty")
+    if not text.lstrip().startswith(_USER_DATA_HEADERS):
+        raise ValueError(
+            "user_data must start with a cloud-init header: #cloud-config, #! (a script), "
+            "#include, #cloud-boothook or a MIME Content-Type (the value is not shown)"
+        )
+    if len(text.encode()) > 16 * 1024 * 1024:
+        raise ValueError("user_data is larger than 16 MiB")
+    return value
+
+
+def _check_sudo(value: str) -> str:
+    if any(ord(c) < 0x20 for c in value) or len(value) > 512:
+        raise ValueError("sudo: one sudoers rule on one line")
+    return value
+
+
+def _check_hostname(value: str) -> str:
+    if not _HOSTNAME_RE.fullmatch(value):
+        raise ValueError(f"invalid hostname {value!r} (letters, digits, '-' and dots)")
+    return value
+
+
+def _check_network_config(value: Any) -> Any:
+    if isinstance(value, dict) and not ({"version", "network"} & set(value)):
+        raise ValueError(
+            "network_config is cloud-init's network config: a mapping with `version: 1` or "
+            "`version: 2` (or `network:` around it), or that YAML as text"
+        )
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("network_config is empty")
+    return value
+
+
+Hostname = Annotated[str, AfterValidator(_check_hostname)]
+SSHKey = Annotated[SecretStr, AfterValidator(_check_ssh_key)]
+PasswordHash = Annotated[SecretStr, AfterValidator(_check_crypt)]
+
+
+class CloudInitUser(Model):
+    """A user cloud-init creates on first boot (cloud-config ``users:``)."""
+
+    name: UnixName
+    ssh_authorized_keys: list[SSHKey] = Field(
+        default_factory=list, description="public keys, one per item (kept secret in output)"
+    )
+    password_hash: PasswordHash | None = Field(
+        default=None,
+        description="crypt(3) hash (`mkpasswd -m sha-512`); the password is unlocked. "
+        "Never shown: plan, logs and --json print `(secret, sha256 ...)`",
+    )
+    sudo: Annotated[str, AfterValidator(_check_sudo)] | None = Field(
+        default=None, description="a sudoers rule, e.g. 'ALL=(ALL) NOPASSWD:ALL'"
+    )
+    groups: list[UnixName] = Field(default_factory=list)
+    shell: AbsPath | None = None
+
+
+class CloudInit(Model):
+    """The guest's identity on first boot: a NoCloud seed (``cidata`` ISO) kvmstate builds,
+    stores in the domain's pool and attaches as a read-only CD-ROM."""
+
+    hostname: Hostname | None = Field(
+        default=None, description="the guest's hostname (default: the domain's name)"
+    )
+    users: list[CloudInitUser] = Field(
+        default_factory=list,
+        description="users to create (cloud-init's default user is then not created)",
+    )
+    user_data: Annotated[SecretStr, AfterValidator(_check_user_data)] | None = Field(
+        default=None,
+        description="your own user-data, used as it is (#cloud-config, a #! script...) "
+        "instead of the one kvmstate writes from hostname and users; kept secret in output",
+    )
+    network_config: Annotated[
+        dict[str, Any] | str | None, AfterValidator(_check_network_config)
+    ] = Field(
+        default=None,
+        description="cloud-init network config (version 1 or 2), as a mapping or as YAML text",
+    )
+    pool: Name | None = Field(
+        default=None,
+        description="the pool that holds the seed volume NAME-cidata.iso (default: the pool "
+        "of the domain's first disk); it must be on every host the domain may run on",
+    )
+    bus: Literal["sata", "ide"] = Field(
+        default="sata", description="the bus of the read-only CD-ROM"
+    )
+
+    @model_validator(mode="after")
+    def _users_or_user_data(self) -> CloudInit:
+        if self.user_data is not None and self.users:
+            raise ValueError(
+                "cloud_init: give users or your own user_data, not both (put the users in "
+                "your user_data)"
+            )
+        return self
+
+
 class Domain(Model):
     type: Literal["kvm", "qemu"] = "kvm"
     memory: Annotated[Size, Field(gt=0)]
@@ -525,6 +670,26 @@ class Domain(Model):
     placement: Placement | None = None
     migration: MigrationPolicy | None = None
     force_destroy: bool = False
+    cloud_init: CloudInit | None = Field(
+        default=None, description="the guest's first-boot identity (a NoCloud seed CD-ROM)"
+    )
+    guest_agent: bool = Field(
+        default=False,
+        description="add the QEMU guest agent channel; shutdowns then ask the agent first, "
+        "the ACPI power button second",
+    )
+    shutdown_timeout: Annotated[Duration, Field(ge=0)] = Field(
+        default=60.0,
+        description="how long a shutdown (state: shut-off, a restart) waits for the guest "
+        "to power off after the ACPI power button before it is powered off by force "
+        "(0: at once)",
+    )
+    restart: Literal["on-request", "on-change"] = Field(
+        default="on-request",
+        description="a running guest whose config changed in a way that needs a restart "
+        "(memory, vCPUs, devices): on-request: it stays 'pending restart' until `apply "
+        "--restart-pending`; on-change: apply restarts it (graceful shutdown, then start)",
+    )
 
     def allowed_hosts(self) -> list[str]:
         if self.placement is None:
@@ -536,6 +701,10 @@ class Domain(Model):
 
 
 class Spec(Model):
+    # a ValidationError's text never repeats a value (cloud-init secrets); the loader's
+    # messages are made from the errors' own fields
+    model_config = ConfigDict(**Model.model_config, hide_input_in_errors=True)
+
     version: Annotated[Literal[1], BeforeValidator(_no_bool)] = Field(
         description="spec format version"
     )

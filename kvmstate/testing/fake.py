@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from kvmstate import virt
 from kvmstate.errors import HostUnreachable, TransportError
-from kvmstate.resources import prereq
+from kvmstate.resources import prereq, seed
 from kvmstate.spec import Spec
 from kvmstate.testing.fake_cmds import (
     Fail,
@@ -78,6 +78,8 @@ class FakeHost:
         self.reachable = True
         self.failures: dict[tuple[str, ...], tuple[int, str, str]] = {}
         self.lock_holder: str | None = None  # the cluster lock script's holder line, while held
+        self.ignores_acpi: set[str] = set()  # domains whose guest ignores the power button
+        self.shutdown_requests: list[str] = []  # domains asked to shut down (ACPI / agent)
         self.round_trips = 0
         self.history: list[tuple[str, ...]] = []
         fd, self._xml = tempfile.mkstemp(prefix=f"kvmstate-fake-{name}-", suffix=".xml")
@@ -280,6 +282,11 @@ class FakeLibvirt:
         if fn is virt.migrate:
             self._migrate(*args)
             return None  # type: ignore[return-value]
+        if fn is virt.shutdown_domain:
+            return self._shutdown(*args)  # type: ignore[return-value]
+        if fn is seed.write_seed_volume:
+            self._write_seed(*args)
+            return None  # type: ignore[return-value]
         if fn in (virt.refresh_pool, virt.start_pool):
             self._sync_pool(args[1], starting=fn is virt.start_pool)
         if fn is virt.upload_volume:
@@ -349,6 +356,30 @@ class FakeLibvirt:
         for n, f in present.items():
             if n not in have:
                 pool.createXML(_volume_xml(n, *_probe(n, f)[::-1]), 0)
+
+    def _shutdown(self, conn: Any, name: str, agent: bool) -> bool:
+        """The test driver's shutdownFlags takes no flags (ACPI, agent): a guest that answers
+        powers off at once (flags 0); one in ``ignores_acpi`` does nothing."""
+        dom = conn.lookupByName(name)
+        if not dom.isActive():
+            return False
+        self._host.shutdown_requests.append(name)
+        if name not in self._host.ignores_acpi:
+            dom.shutdown()
+        return True
+
+    def _write_seed(self, conn: Any, pool_name: str, name: str, seed_: Any) -> None:
+        """The test driver has no virStorageVolUpload: the volume is created (mode 0600, like
+        the real call's XML asks) and the bytes land in the fake file."""
+        image: bytes = seed_.image
+        pool = conn.storagePoolLookupByName(pool_name)
+        if name not in pool.listVolumes():
+            pool.createXML(_volume_xml(name, len(image)), 0)
+        h = self._host
+        fh, p = h.resolve(f"{_pool_path(pool)}/{name}")
+        old = fh.files.get(p)
+        mode = old.mode if old is not None and old.size == len(image) else "0600"
+        fh.files[p] = FakeFile(size=len(image), mode=mode, data=image)
 
     def _migrate(self, src: Any, dst: Any, name: str, params: Any, flags: int) -> None:
         lv = libvirt_module()

@@ -249,6 +249,17 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             if p not in fh.files:
                 raise Fail(f"stat: cannot statx '{path}': No such file or directory")
             return f"{fh.files[p].owner}:{fh.files[p].group}\n"
+        case ("stat", "-c", "%a", "--", path):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"stat: cannot statx '{path}': No such file or directory")
+            return f"{int(fh.files[p].mode, 8):o}\n"  # stat prints 600, not 0600
+        case ("chmod", mode, "--", path) if re.fullmatch(r"[0-7]{3,4}", mode):
+            fh, p = h.resolve(path)
+            if p not in fh.files:
+                raise Fail(f"chmod: cannot access '{path}': No such file or directory")
+            fh.files[p].mode = mode.zfill(4)
+            return ""
         case ("chown", owner_group, "--", path):
             owner, _, group = owner_group.partition(":")
             if (owner and owner not in h.users) or (group and group not in h.groups):

@@ -243,6 +243,61 @@ def test_secrets_never_reach_logs_plans_json_or_the_journal(converged: Lab, tmp_
             assert line not in text
 
 
+SECRET_HASH = "$6$kvmstatelab$Zq3u0Vn9c1yQ3pM2tT5e6r7w8x9y0z1a2b3c4d5e6f7g8h9i0j1k2l3m4n5o6p"
+SECRET_KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIOtZ9Ek8oXFZc2w9r8c1F7M3Tq1Jm4aQdNqgqT0sYv0H"
+SECRET_USER_DATA = "kvmstate-lab-token-9f8e7d6c"
+SECRET_GUEST = """  secret-guest:
+    type: qemu
+    memory: 64MiB
+    state: {state}
+    host: kvm-1
+    cloud_init:
+      pool: images
+      users:
+        - name: debian
+          ssh_authorized_keys: ["ssh-ed25519 {key} lab@x"]
+          password_hash: "{hash}"
+  other-guest:
+    type: qemu
+    memory: 64MiB
+    state: {state}
+    host: kvm-1
+    cloud_init:
+      pool: images
+      user_data: "#cloud-config\\nruncmd: [echo {token}]\\n"
+"""
+
+
+def test_cloud_init_secrets_never_reach_logs_plans_json_or_the_journal(
+    converged: Lab, tmp_path: Path
+) -> None:
+    """Password hashes, keys and user-data: shown as `(secret, sha256 ...)` at most."""
+    env = {"KVMSTATE_STATE_DIR": str(tmp_path)}
+
+    def with_guests(state: str) -> Path:
+        block = SECRET_GUEST.format(
+            state=state, key=SECRET_KEY, hash=SECRET_HASH, token=SECRET_USER_DATA
+        )
+        return variant(tmp_path, state, lambda t: t + block)
+
+    present, absent = with_guests("shut-off"), with_guests("absent")
+    outputs = [
+        cli("-vv", "plan", present, "--json", env=env),
+        cli("-vv", "plan", present, env=env),
+        cli("-vv", "apply", present, "--auto-approve", "--json", env=env),
+        cli("-vv", "show", present, env=env),
+        cli("-vv", "drift", present, "--json", env=env),
+        cli("-vv", "apply", absent, "--auto-approve", "--allow-destroy", env=env),
+    ]
+    assert outputs[2].returncode == 0 and outputs[-1].returncode == 0
+    texts = [o.stdout + o.stderr for o in outputs]
+    texts += [p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".yaml"]
+    assert any("(secret, sha256 " in t for t in texts)
+    for text in texts:
+        for secret in (SECRET_HASH, SECRET_KEY, SECRET_USER_DATA):
+            assert secret not in text
+
+
 def _bare_variant(tmp_path: Path, name: str, old: str, new: str) -> Path:
     text = LAB_SPEC.read_text()
     assert old in text

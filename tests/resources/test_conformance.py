@@ -25,11 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 Kind = type[Resource[Any]]
 IDS = [k.kind for k in KINDS]
 
-# the lab spec, with a host that lists packages and a NAT network the guest is also on (so
-# every kind has resources)
+# the lab spec, with a host that lists packages, a NAT network the guest is also on, and a
+# guest with cloud_init (so every kind has resources)
 SPEC_TEXT = LAB_SPEC.replace(
     "kvm-2: {address: 10.77.0.22}", "kvm-2: {address: 10.77.0.22, packages: [qemu-utils]}"
-).replace("      - bridge: br0\n", "      - bridge: br0\n      - network: nat\n") + (
+).replace("      - bridge: br0\n", "      - bridge: br0\n      - network: nat\n").replace(
+    "    state: running\n",
+    "    cloud_init: {hostname: guest-1}\n    state: running\n",
+) + (
     "networks:\n"
     "  nat:\n"
     "    hosts: [kvm-1, kvm-2]\n"
@@ -118,6 +121,10 @@ def _chown(c: FakeCluster) -> None:
     c["kvm-1"].execute(["chown", "root:root", "--", "/var/lib/libvirt/images/guest.qcow2"])
 
 
+def _seed_chmod(c: FakeCluster) -> None:
+    c["kvm-1"].execute(["chmod", "0644", "--", "/var/lib/libvirt/images/guest-cidata.iso"])
+
+
 def _domain_destroy(c: FakeCluster) -> None:
     c["kvm-1"].conn().lookupByName("guest").destroy()
 
@@ -144,6 +151,7 @@ BEHIND_ITS_BACK: dict[str, BehindItsBack] = {
     "volume": _chown,
     "network": _net_destroy,
     "domain": _domain_destroy,
+    "seed": _seed_chmod,
     "placement": _migrate_by_hand,
 }
 

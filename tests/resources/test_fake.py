@@ -114,6 +114,7 @@ def test_expand_and_dependencies(spec: Spec) -> None:
         "volume",
         "network",
         "domain",
+        "seed",
         "placement",
     ]
     assert set(find(spec, "domain").hosts()) == {"kvm-1", "kvm-2"}
