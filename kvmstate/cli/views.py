@@ -125,6 +125,10 @@ def plan_summary(plan: Plan) -> str:
 def plan(console: Console, p: Plan, *, title: str = "", verbose: bool = False) -> None:
     if title:
         console.print(Hanging(Text(title, style="bold"), hang=4))
+    # NOOPs that still have something to say (a volume's source changed: data kept)
+    for c in p.changes:
+        if c.is_noop and c.diffs and not c.pending:
+            console.print(Hanging(Text(f"! {c.id}  {c.reason}", style="yellow"), indent=2))
     if not p.has_changes and not p.errors:
         console.print(
             Text(f"No changes. {len(p.changes)} resources match the spec.", style="green")

@@ -103,6 +103,18 @@ def test_no_changes_is_one_line() -> None:
     assert buf.getvalue().strip() == "No changes. 1 resources match the spec."
 
 
+def test_a_noop_with_something_to_say_is_shown_above_no_changes() -> None:
+    vid = ResourceId("volume", "img.qcow2", "kvm-1")
+    note = Change(vid, Action.NOOP, (FieldDiff("source", "a", "b"),), "source differs: data kept")
+    buf, console = _console()
+    views.plan(console, Plan((note,)))
+    lines = buf.getvalue().strip().splitlines()
+    assert lines == [
+        f"! {vid}  source differs: data kept",
+        "No changes. 1 resources match the spec.",
+    ]
+
+
 def test_report_names_root_causes_and_groups_skipped() -> None:
     a, b, c = (
         ResourceId("mount", "images", "kvm-1"),
