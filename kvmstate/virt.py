@@ -633,6 +633,23 @@ def network_users(conn: Any, name: str) -> list[str]:
     return sorted(users)
 
 
+def network_taps(conn: Any, name: str) -> tuple[str | None, list[str]]:
+    """The bridge of active network ``name`` (None when it is not active) and the tap devices
+    of running domains' interfaces on it (from their live definitions)."""
+    net = lookup_network(conn, name)
+    if net is None or not net.isActive():
+        return None, []
+    taps = []
+    for dom in conn.listAllDomains(_libvirt().VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        for iface in parse_xml(dom.XMLDesc(0)).findall("devices/interface[@type='network']"):
+            src, target = iface.find("source"), iface.find("target")
+            if src is not None and src.get("network") == name and target is not None:
+                dev = target.get("dev")
+                if dev:
+                    taps.append(dev)
+    return str(net.bridgeName()), sorted(taps)
+
+
 def network_is_active(conn: Any, name: str) -> bool | None:
     """None when the network is not defined."""
     net = lookup_network(conn, name)

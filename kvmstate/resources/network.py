@@ -374,12 +374,25 @@ class NetworkResource(Resource[NetworkObs]):
         if restart or not cur.active:
             self.log.info("%s: starting network %s", self.h, self.name)
             await lv.run(virt.start_network, conn, self.name)
+            await self._reattach(ctx, conn)
         elif cur.live is not None:
             await self._edit(ctx, conn, dhcp_edits(n, cur.live), live=True)
         if not cur.persistent or cur.autostart != n.autostart:
             self.log.info("%s: network %s autostart=%s", self.h, self.name, n.autostart)
             await lv.run(virt.set_network_autostart, conn, self.name, n.autostart)
         return await self.observe(ctx)
+
+    async def _reattach(self, ctx: RunContext, conn: Any) -> None:
+        """Put the running guests' interfaces back on the network's new bridge: libvirt 9.0
+        does not when a network is started again under running guests (seen on the lab: after
+        `virsh net-destroy` and `net-start`, the guest's vnetN stays off the bridge, and the
+        guest off the network)."""
+        bridge, taps = await ctx.libvirt(self.h).run(virt.network_taps, conn, self.name)
+        if bridge is None:
+            return
+        for tap in taps:
+            self.log.info("%s: %s back on bridge %s (network %s)", self.h, tap, bridge, self.name)
+            await ctx.shell(self.h).run(["ip", "link", "set", "dev", tap, "master", bridge, "up"])
 
     async def _check_bridge(self, ctx: RunContext) -> None:
         """A bridge network needs its host bridge: libvirt starts the network without it (and

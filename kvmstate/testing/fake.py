@@ -68,6 +68,7 @@ class FakeHost:
         self.btrfs: dict[str, FakeBtrfs] = {}
         self.exports_live: dict[tuple[str, str], frozenset[str]] = {}
         self.bridges: set[str] = set()
+        self.enslaved: dict[str, str] = {}  # tap -> bridge, from `ip link set ... master`
         self.users: set[str] = {"root"}
         self.groups: set[str] = {"root"}
         self.mem_available = 8 * 1024**3

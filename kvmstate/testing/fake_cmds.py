@@ -270,6 +270,12 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             fh.files[p].owner = owner or fh.files[p].owner
             fh.files[p].group = group or fh.files[p].group
             return ""
+        case ("ip", "link", "set", "dev", tap, "master", bridge, "up"):
+            networks = {n.bridgeName() for n in h.conn().listAllNetworks() if n.isActive()}
+            if bridge not in h.bridges | networks:
+                raise Fail(f'Error: argument "{bridge}" is wrong: Device does not exist', 2)
+            h.enslaved[tap] = bridge
+            return ""
         case ("ip", "-o", "link", "show", "type", "bridge"):
             return "".join(
                 f"{i + 3}: {b}: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 state UP\\    "
