@@ -13,13 +13,14 @@ packages; its path is ``GUEST_IMAGE``, a qcow2 file readable from the storage ho
 The busybox guest of ``specs/lab.yaml`` (direct kernel boot) must NOT answer the power button:
 the power-off fallback is proven on it.
 
-Not run by the helper who wrote them (the lab is the lead's); the linked-clone test uses the
-volume kind's ``backing:`` from the same issue (adjust ``clone_volumes`` to its final syntax).
+The guest image reaches the shared pool as kvmstate would put it there: uploaded from this
+machine (``upload:``); the linked clones are ``backing:`` overlays on it.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,19 +52,20 @@ def guests_lab(lab: Lab) -> Iterator[Lab]:
     yield lab
 
 
-def _virtual_size(lab: Lab, path: str) -> int:
-    out = lab.run("storage", ["qemu-img", "info", "--output=json", "--", path]).stdout
+def _virtual_size(path: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", "--", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return int(json.loads(out)["virtual-size"])
 
 
 def full_copy(lab: Lab, name: str) -> dict[str, Any]:
-    """The guest image copied into the pool by hand: a volume kvmstate finds in place."""
-    target = f"/srv/images/{name}"
-    lab.run("storage", ["cp", "--", str(GUEST_IMAGE), target])
-    for h in ("kvm-1", "kvm-2"):
-        virsh(lab, h, "pool-refresh", "images")
-    size = _virtual_size(lab, target)
-    return {"pool": "images", "format": "qcow2", "capacity": size, "owner": "root", "group": "root"}
+    """The guest image, uploaded by kvmstate from this machine into the shared pool (the
+    volume kind's `upload:` source)."""
+    return {"pool": "images", "format": "qcow2", "upload": str(GUEST_IMAGE)}
 
 
 def guest(name: str, host: str, **extra: Any) -> dict[str, Any]:
@@ -203,7 +205,7 @@ def clone_volumes(lab: Lab) -> dict[str, Any]:
     """A template in the pool (a full copy) and two linked clones grown past it. The clones
     use the volume kind's ``backing:`` (issue 16, another branch)."""
     template = full_copy(lab, "tmpl.qcow2")
-    grown = template["capacity"] + 64 * 1024**2
+    grown = _virtual_size(GUEST_IMAGE) + 64 * 1024**2
     clone = {"pool": "images", "format": "qcow2", "capacity": grown, "backing": "tmpl.qcow2"}
     return {"tmpl.qcow2": template, "g1.qcow2": clone, "g2.qcow2": dict(clone)}
 
