@@ -654,3 +654,17 @@ def network_is_active(conn: Any, name: str) -> bool | None:
     """None when the network is not defined."""
     net = lookup_network(conn, name)
     return None if net is None else bool(net.isActive())
+
+
+def domain_addresses(conn: Any, name: str) -> list[str]:
+    """The IP addresses of running domain ``name`` that its networks' DHCP servers leased
+    (libvirt's lease source; empty when there are none or libvirt cannot tell)."""
+    lv = _libvirt()
+    dom = lookup_domain(conn, name)
+    if dom is None:
+        return []
+    try:
+        ifaces = dom.interfaceAddresses(lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+    except lv.libvirtError:
+        return []
+    return sorted({str(a["addr"]) for i in (ifaces or {}).values() for a in i.get("addrs") or []})

@@ -54,6 +54,7 @@ class DomainObs:
     autostart: bool
     adopt: bool = False  # the run allows adopting an unmarked domain (from ctx.options)
     restart_pending: bool = False  # the run may restart it (apply --restart-pending)
+    addresses: tuple[str, ...] = ()  # leased by its networks' DHCP (running, on a network)
 
 
 def domain_hosts(spec: Spec, name: str) -> list[str]:
@@ -216,6 +217,10 @@ class DomainResource(Resource[DomainObs]):
         if not found:
             return None
         h, st = next(iter(found.items()))
+        addresses: tuple[str, ...] = ()
+        if st.state == "running" and any(i.network for i in self.d.interfaces):
+            lv = ctx.libvirt(h)
+            addresses = tuple(await lv.run(virt.domain_addresses, await lv.connect(), self.name))
         return DomainObs(
             h,
             st.config,
@@ -224,6 +229,7 @@ class DomainResource(Resource[DomainObs]):
             st.autostart,
             ctx.options.adopt,
             ctx.options.restart_pending,
+            addresses,
         )
 
     def restart_fields(self, live: DomainConfig) -> list[FieldDiff]:
@@ -294,7 +300,8 @@ class DomainResource(Resource[DomainObs]):
                     pending,
                 )
         if not diffs:
-            return self.noop(f"domain {self.name} {o.state} on {o.host}")
+            where = f", addresses {', '.join(o.addresses)}" if o.addresses else ""
+            return self.noop(f"domain {self.name} {o.state} on {o.host}{where}")
         ch = self.change(Action.UPDATE, diffs, f"domain {self.name} on {o.host}")
         if not o.config.managed and not o.adopt:
             return ch.with_blocked(
