@@ -259,17 +259,38 @@ class DomainState:
     state: str
     autostart: bool
     persistent: bool
+    reason: str = ""  # why it is paused or crashed ("migration", "ioerror", "user"...)
 
 
 def domain_state_name(code: int) -> str:
     return _states().get(code, "other")
 
 
+@functools.cache
+def _pause_reasons() -> dict[int, str]:
+    """libvirt's reasons of a paused domain (VIR_DOMAIN_PAUSED_*), by the names users see."""
+    lv = _libvirt()
+    prefix = "VIR_DOMAIN_PAUSED_"
+    return {
+        getattr(lv, n): n.removeprefix(prefix).lower().replace("_", "-")
+        for n in dir(lv)
+        if n.startswith(prefix) and n != f"{prefix}LAST"
+    }
+
+
+def domain_state_reason(code: int, reason: int) -> str:
+    """The reason of state ``code`` as a word: only paused domains' reasons are named."""
+    if domain_state_name(code) != "paused":
+        return ""
+    return _pause_reasons().get(reason, "unknown")
+
+
 def observe_domain(conn: Any, name: str) -> DomainState | None:
     dom = lookup_domain(conn, name)
     if dom is None:
         return None
-    state = domain_state_name(dom.state()[0])
+    code, why = dom.state()[:2]
+    state = domain_state_name(code)
     # The current definition tells by itself whether the domain is active (only a running
     # definition carries an id), so a shut-off domain costs one definition call, not three.
     current = dom.XMLDesc(0)
@@ -278,7 +299,14 @@ def observe_domain(conn: Any, name: str) -> DomainState | None:
         config = parse_domain_xml(dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE))
     else:
         live, config = None, parse_domain_xml(current)
-    return DomainState(config, live, state, bool(dom.autostart()), bool(dom.isPersistent()))
+    return DomainState(
+        config,
+        live,
+        state,
+        bool(dom.autostart()),
+        bool(dom.isPersistent()),
+        domain_state_reason(code, why),
+    )
 
 
 # the root element of an ACTIVE domain's definition: <domain type='kvm' id='3'>
@@ -309,6 +337,12 @@ def start_domain(conn: Any, name: str) -> None:
     dom = conn.lookupByName(name)
     if not dom.isActive():
         dom.create()
+
+
+def resume_domain(conn: Any, name: str) -> None:
+    dom = conn.lookupByName(name)
+    if domain_state_name(dom.state()[0]) == "paused":
+        dom.resume()
 
 
 def destroy_domain(conn: Any, name: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from kvmstate import spec as spec_models
 from kvmstate import virt, virtxml
-from kvmstate.errors import KvmstateError
+from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff, Message
 from kvmstate.resources import prereq
@@ -55,6 +55,7 @@ class DomainObs:
     adopt: bool = False  # the run allows adopting an unmarked domain (from ctx.options)
     restart_pending: bool = False  # the run may restart it (apply --restart-pending)
     addresses: tuple[str, ...] = ()  # leased by its networks' DHCP (running, on a network)
+    reason: str = ""  # why it is paused ("migration", "ioerror", "user", "postcopy-failed"...)
 
 
 def domain_hosts(spec: Spec, name: str) -> list[str]:
@@ -230,6 +231,7 @@ class DomainResource(Resource[DomainObs]):
             ctx.options.adopt,
             ctx.options.restart_pending,
             addresses,
+            st.reason,
         )
 
     def restart_fields(self, live: DomainConfig) -> list[FieldDiff]:
@@ -273,7 +275,8 @@ class DomainResource(Resource[DomainObs]):
             diffs.append(diff("autostart", o.autostart, d.autostart))
         may_restart = d.restart == "on-change" or o.restart_pending
         if (o.state == "running") != (d.state == "running"):
-            diffs.append(diff("state", o.state, d.state, "runtime"))
+            now = f"paused ({o.reason})" if o.state == "paused" and o.reason else o.state
+            diffs.append(diff("state", now, d.state, "runtime"))
         elif (
             o.live is not None
             and d.state == "running"
@@ -331,7 +334,9 @@ class DomainResource(Resource[DomainObs]):
             await lv.run(virt.set_domain_autostart, conn, self.name, self.d.autostart)
         running = cur is not None and cur.state == "running"
         may_restart = self.d.restart == "on-change" or ctx.options.restart_pending
-        if self.d.state == "running" and not running:
+        if self.d.state == "running" and cur is not None and cur.state == "paused":
+            await self._resume(ctx, host, cur)
+        elif self.d.state == "running" and not running:
             self.log.info("%s: starting domain %s", host, self.name)
             await lv.run(virt.start_domain, conn, self.name)
         elif self.d.state == "shut-off" and cur is not None and cur.state != "shut-off":
@@ -348,6 +353,24 @@ class DomainResource(Resource[DomainObs]):
             else:
                 await self._live_resize(ctx, host, cur.live)
         return await self.observe(ctx)
+
+    async def _resume(self, ctx: RunContext, host: str, cur: DomainObs) -> None:
+        """A domain paused on its one host (found nowhere else: ``observe`` refuses two copies)
+        is resumed, saying why it was paused. One paused by an I/O error is resumed only once
+        its disks answer again, read fresh from that host."""
+        if cur.reason == "ioerror":
+            for disk in self.want.disks:
+                res = await ctx.shell(host).run(["test", "-r", disk.path], check=False)
+                if not res.ok:
+                    raise RefusedError(
+                        f"domain {self.name} on {host} was paused by an I/O error and its disk "
+                        f"{disk.path} still does not answer there; not resumed"
+                    )
+        why = cur.reason or "unknown reason"
+        self.log.info("%s: resuming domain %s (it was paused: %s)", host, self.name, why)
+        lv = ctx.libvirt(host)
+        await lv.run(virt.resume_domain, await lv.connect(), self.name)
+        ctx.emit(Message(f"domain {self.name} on {host}: resumed (it was paused: {why})"))
 
     async def shutdown(self, ctx: RunContext, host: str) -> str:
         """Shut the guest down gracefully: ask it (guest agent, ACPI power button), wait up to

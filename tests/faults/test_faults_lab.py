@@ -349,3 +349,23 @@ def test_target_link_cut_during_a_migration_then_restored(
     wait_counter(lab, above=before)
     converge(LAB_SPEC)
     assert_one_guest(lab, "kvm-1")
+
+
+def test_a_paused_guest_is_resumed_by_the_next_apply(fresh: Lab) -> None:
+    """Issue 19: a domain active but paused on its one host (by hand here: `virsh suspend`;
+    libvirt leaves a migration's source paused the same way) had no path back to running
+    (apply called start on an active domain). Now plan names it with libvirt's reason, and
+    the next apply resumes it: the counter goes on from where it stopped, nothing restarts."""
+    lab = fresh
+    assert apply(LAB_SPEC).converged
+    before = wait_counter(lab)
+    virsh(lab, "kvm-1", "suspend", "lab-guest")
+    assert "paused" in virsh(lab, "kvm-1", "domstate", "lab-guest")
+    r = cli("plan", LAB_SPEC)
+    assert r.returncode == 2 and "paused (user)" in r.stdout, r.stdout + r.stderr
+    report = apply(LAB_SPEC)
+    assert report.converged, report.as_dict()
+    assert virsh(lab, "kvm-1", "domstate", "lab-guest").strip() == "running"
+    assert wait_counter(lab, above=before) > before  # the same boot counts on
+    assert_one_guest(lab, "kvm-1")
+    assert cli("plan", LAB_SPEC).returncode == 0

@@ -148,3 +148,40 @@ def test_virt_error_codes_match_the_libvirt_module() -> None:
     assert virt.OPERATION_INVALID == libvirt.VIR_ERR_OPERATION_INVALID
     assert virt.domain_state_name(libvirt.VIR_DOMAIN_SHUTOFF) == "shut-off"
     assert virt.domain_state_name(libvirt.VIR_DOMAIN_BLOCKED) == "running"
+
+
+def test_a_paused_domain_is_resumed_and_the_reason_said(
+    cluster: FakeCluster, ctx: RunContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19: paused (by hand here; libvirt also pauses a migration's source it cannot
+    resolve, or a guest whose disk fails) is a state kvmstate understands: found on exactly
+    one host with the spec saying running, apply resumes it and says why it was paused."""
+    res = find(make_spec(), "domain")
+
+    async def scenario() -> None:
+        await converge_upto(ctx, "domain")
+        dom = cluster["kvm-1"].conn().lookupByName("guest")
+        dom.suspend()  # virsh suspend
+        drift = await plan(res, ctx)
+        assert [(d.field, d.before, d.after) for d in drift.diffs] == [
+            ("state", "paused (user)", "running")
+        ]
+        assert (await converge(res, ctx)).is_noop
+        assert virt.domain_state_name(dom.state()[0]) == "running"
+
+    caplog.set_level("INFO")
+    run(scenario())
+    assert "resuming domain guest (it was paused: user)" in caplog.text
+
+
+def test_a_domain_paused_on_one_host_and_defined_on_another_is_left_alone(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    res = find(make_spec(), "domain")
+    run(converge_upto(ctx, "domain"))
+    k1 = cluster["kvm-1"].conn()
+    k1.lookupByName("guest").suspend()
+    cluster["kvm-2"].conn().defineXML(k1.lookupByName("guest").XMLDesc(2))
+    with pytest.raises(KvmstateError, match="defined on 2 hosts"):
+        run(plan(res, ctx))
+    assert virt.domain_state_name(k1.lookupByName("guest").state()[0]) == "paused"
