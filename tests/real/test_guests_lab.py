@@ -30,6 +30,7 @@ import pytest
 import yaml
 from labkit import LAB_SPEC, cli, converge, plan, virsh
 
+from kvmstate.lab.guest import CounterReading, parse_serial_reading
 from kvmstate.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -109,6 +110,25 @@ def wait_serial(lab: Lab, host: str, name: str, text: str, timeout: float = 120)
             return out
         time.sleep(1)
     raise AssertionError(f"{name} on {host} did not print {text!r} within {timeout}s")
+
+
+def counter_of(text: str) -> CounterReading:
+    reading = parse_serial_reading(text)
+    assert reading is not None and reading.boot, text[-2000:]
+    return reading
+
+
+def wait_counter_past(
+    lab: Lab, host: str, name: str, before: CounterReading, timeout: float = 120
+) -> CounterReading:
+    """The guest's counter on ``host`` once it is past ``before`` (its serial log there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reading = parse_serial_reading(serial(lab, host, name))
+        if reading is not None and reading.value > before.value:
+            return reading
+        time.sleep(1)
+    raise AssertionError(f"{name} on {host} did not count past {before} within {timeout}s")
 
 
 def plan_exit(path: Path) -> int:
@@ -222,13 +242,20 @@ def test_two_linked_clones_each_with_its_own_hostname(guests_lab: Lab, tmp_path:
         wait_serial(lab, "kvm-2", "g2", HOSTNAME_LINE.format(hostname="g2-host"))
         assert HOSTNAME_LINE.format(hostname="g2-host") not in serial(lab, "kvm-1", "g1")
         assert plan_exit(spec) == 0
-        # the seed is on shared storage: g1 live-migrates to kvm-2 and keeps its CD-ROM
+        # the seed is on shared storage: g1 live-migrates to kvm-2 and keeps its CD-ROM, its
+        # hostname and its counter (the same boot goes on counting there)
+        before = counter_of(serial(lab, "kvm-1", "g1"))
         moved = {"g1": guest("g1", "kvm-2"), "g2": guest("g2", "kvm-2")}
         mspec = spec_with(tmp_path, "moved.yaml", vols, moved)
         r = cli("apply", mspec, "--auto-approve")
         assert r.returncode == 0 and "migrated" in r.stdout, r.stdout + r.stderr
         assert "g1-cidata.iso" in virsh(lab, "kvm-2", "domblklist", "g1")
         assert plan_exit(mspec) == 0
+        after = wait_counter_past(lab, "kvm-2", "g1", before)
+        assert (
+            after.boot == before.boot
+        )  # the same boot (its hostname with it): memory carried over
+        assert "/g1.qcow2" in virsh(lab, "kvm-2", "domblklist", "g1")
         # a new identity: the plan says next boot, the disk is not touched
         inode = lab.run("storage", ["stat", "-c", "%i", "--", "/srv/images/g1.qcow2"]).stdout
         renamed = {
