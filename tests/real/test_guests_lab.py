@@ -252,9 +252,8 @@ def test_two_linked_clones_each_with_its_own_hostname(guests_lab: Lab, tmp_path:
         assert "g1-cidata.iso" in virsh(lab, "kvm-2", "domblklist", "g1")
         assert plan_exit(mspec) == 0
         after = wait_counter_past(lab, "kvm-2", "g1", before)
-        assert (
-            after.boot == before.boot
-        )  # the same boot (its hostname with it): memory carried over
+        # the same boot, hostname and all: the guest's memory carried over
+        assert after.boot == before.boot
         assert "/g1.qcow2" in virsh(lab, "kvm-2", "domblklist", "g1")
         # a new identity: the plan says next boot, the disk is not touched
         inode = lab.run("storage", ["stat", "-c", "%i", "--", "/srv/images/g1.qcow2"]).stdout
