@@ -153,23 +153,8 @@ def write_seed_volume(conn: Any, pool_name: str, name: str, seed: Seed) -> None:
         vol = None
     if vol is None:
         vol = pool.createXML(seed_volume_xml(name, len(image)), 0)
-    stream = conn.newStream(0)
-    try:
-        vol.upload(stream, 0, len(image), 0)
-        view = memoryview(image)
-        sent = 0
-        while sent < len(image):
-            n = stream.send(bytes(view[sent : sent + UPLOAD_CHUNK]))
-            if n <= 0:
-                raise KvmstateError(f"upload of {name}: the stream took no data ({n})")
-            sent += n
-        stream.finish()
-    except BaseException:
-        try:
-            stream.abort()
-        except Exception as e:  # noqa: BLE001 - the first error is the one to report
-            log.debug("abort of the upload stream of %s: %s", name, e)
-        raise
+    chunks = (image[i : i + UPLOAD_CHUNK] for i in range(0, len(image), UPLOAD_CHUNK))
+    virt.upload_volume(conn, pool_name, name, chunks, len(image))
 
 
 # --- the kind -----------------------------------------------------------------------------------
