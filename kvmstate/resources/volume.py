@@ -62,8 +62,6 @@ import posixpath
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -232,6 +230,9 @@ def _open_upload(name: str, path: str) -> tuple[IO[bytes], int]:
 def _open_url(name: str, url: str) -> tuple[IO[bytes], int]:
     """The response (or, without a Content-Length, a local spool of it) and its length. An
     HTTP error or an unreachable server fails here, before any volume exists."""
+    import urllib.error  # only an apply that fetches pays for urllib (start-up: bench B1b)
+    import urllib.request
+
     try:
         resp = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - http(s) only (spec)
     except urllib.error.HTTPError as e:

@@ -26,6 +26,8 @@ ONLY_WHEN_NEEDED = (
     "rich.table",  # show
     "rich.logging",  # -v
     "libvirt",  # the first libvirt call (hosts with pools, volumes or domains)
+    "urllib.request",  # apply of a volume imaged from a URL
+    "pycdlib",  # apply of a cloud-init seed
     "jsonschema",  # tests of `schema` only
     "kvmstate.lab",  # kvmstate lab
     "kvmstate.docgen",  # schema
