@@ -276,7 +276,7 @@ class DomainResource(Resource[DomainObs]):
         if c.mode == "baseline":  # not resolved: --assume-empty reads no host
             hosts = ", ".join(self.d.allowed_hosts())
             extra = c.describe().removeprefix("baseline")
-            return [diff("cpu", None, f"baseline of {hosts}{extra} (read from the hosts)")]
+            return [diff("cpu", None, f"baseline of {hosts}{extra}, from their CPUs at plan")]
         return [diff("cpu", None, c.describe())]
 
     def _restart_diff(self) -> FieldDiff:

@@ -153,4 +153,4 @@ def test_plan_of_a_new_domain_says_which_cpu() -> None:
         make_spec(with_cpu("    cpu: {mode: baseline, features: {vmx: require}}\n")), "domain"
     )
     after = {d.field: d.after for d in base.diff(None).diffs}["cpu"]
-    assert after == "baseline of kvm-1, kvm-2 (+vmx) (read from the hosts)"
+    assert after == "baseline of kvm-1, kvm-2 (+vmx), from their CPUs at plan"
