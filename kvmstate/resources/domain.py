@@ -23,6 +23,7 @@ A domain without kvmstate's ``<metadata>`` marker is only adopted with ``--adopt
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -509,6 +510,34 @@ def _interfaces(cfg: virtxml.DomainConfig) -> tuple[list[dict[str, Any]] | None,
     return nics, ""
 
 
+_CPU_POLICIES = ("force", "require", "optional", "disable", "forbid")
+_CPU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the spec's CpuModel
+_CPU_FEATURE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # the spec's CpuFeature
+
+
+def _cpu(cfg: virtxml.DomainConfig) -> tuple[dict[str, Any] | None, str]:
+    """The spec ``cpu:`` of a definition's CPU (None and why not, "" when it has none). A
+    baseline cannot be told from the named model it was resolved to: it comes back as one."""
+    c = cfg.cpu
+    if c is None:
+        return None, ""
+    if c.mode in ("host-passthrough", "host-model") and cfg.type != "kvm":
+        return None, f"mode {c.mode} on a {cfg.type} (TCG) domain"
+    if c.mode not in ("host-passthrough", "host-model", "custom"):
+        return None, f"cpu mode {c.mode!r}"
+    bad = [f"{n}={p}" for n, p in c.features if p not in _CPU_POLICIES or not _CPU_FEATURE.match(n)]
+    if bad or (c.model is not None and not _CPU_NAME.match(c.model)):
+        return None, f"features or model the spec cannot name ({', '.join(bad) or c.model})"
+    out: dict[str, Any] = {"mode": c.mode}
+    if c.mode == "custom":
+        if c.model is None:
+            return None, "a custom CPU without a model"
+        out["model"] = c.model
+    if c.features:
+        out["features"] = dict(c.features)
+    return out, ""
+
+
 def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | str:
     """The spec of one domain, or why it cannot be expressed."""
     st, cfg = dom.state, dom.state.config
@@ -548,6 +577,11 @@ def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | 
         data["serial"] = {"type": kind, **({"path": path} if path else {})}
     if cfg.guest_agent:
         data["guest_agent"] = True
+    cpu_spec, why = _cpu(cfg)
+    if cpu_spec is not None:
+        data["cpu"] = cpu_spec
+    elif why:
+        out.notes.append(f"{inv.host}: domain {dom.name}: its CPU is left out: {why}")
     data |= {"state": _DOMAIN_STATES[st.state], "autostart": st.autostart, "host": inv.host}
     return data
 
