@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
@@ -22,7 +23,10 @@ from kvmstate.lab.private_libvirtd import private_libvirtd, unavailable
 from kvmstate.model import Action
 from kvmstate.resources import cpu
 from kvmstate.resources.base import Options, RunContext
+from kvmstate.resources.domain import config_diffs
+from kvmstate.spec import Domain
 from kvmstate.transport.libvirt import libvirt_module
+from kvmstate.virtxml import CpuConfig, build_domain_xml, desired_config
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 T = TypeVar("T")
@@ -128,3 +132,26 @@ def test_a_feature_the_target_lacks_blocks_the_move_and_is_named(conns: dict[str
     ok, detail = run(cpu.check_cpu(fctx, fine.domains["guest"], "kvm-2"))
     assert ok is True, detail
     virt.undefine_domain(conns["kvm-1"], "guest")
+
+
+def test_a_tcg_guest_starts_with_the_baseline_and_its_live_cpu_compares_equal(
+    conns: dict[str, Any],
+) -> None:
+    """QEMU really starts with the resolved CPU (no disk: it waits in its firmware), and the
+    running definition, which libvirt rewrites, shows no CPU difference (no false pending
+    restart)."""
+    spec, ctx = ctx_for("    cpu: {mode: baseline}\n", conns)
+    got = run(cpu.resolve_cpu(ctx, spec.domains["guest"]))
+    conn = conns["kvm-1"]
+    for want_cpu in (got, CpuConfig("custom", "qemu64", (("svm", "disable"),))):
+        d = Domain(memory=64 * 1024**2, host="kvm-1", type="qemu")
+        want = replace(desired_config(d, []), cpu=want_cpu)
+        virt.define_domain(conn, build_domain_xml("cpu-boot", want))
+        try:
+            virt.start_domain(conn, "cpu-boot")
+            st = virt.observe_domain(conn, "cpu-boot")
+            assert st is not None and st.state == "running" and st.live is not None
+            assert config_diffs(want, st.live, d, "pending-restart") == []
+            assert st.live.cpu is not None and st.live.cpu.projected(want_cpu) == want_cpu
+        finally:
+            virt.undefine_domain(conn, "cpu-boot")
