@@ -35,7 +35,7 @@ async def resolve_cpu(ctx: RunContext, d: Domain) -> CpuConfig | None:
     want = cpu_config(d.cpu)
     if want is None or want.mode != "baseline" or d.cpu is None:
         return want
-    hosts = d.allowed_hosts()
+    hosts = sorted(d.allowed_hosts())  # the same baseline whichever host is `host`
     caps = await asyncio.gather(*(host_cpu_caps(ctx, h, d.type) for h in hosts))
     lacking = [h for h, c in zip(hosts, caps, strict=True) if c.host_model_xml is None]
     if lacking:
