@@ -1,13 +1,13 @@
 """``kvmstate import``: a spec for what already exists on some hosts.
 
 Two halves. ``gather`` reads each host once, read-only (one batched shell round trip for
-fstab, mountinfo and /etc/exports; one libvirt call listing pools, volumes and domains; one
-batch of ``stat`` for the volumes' owners). ``build`` is pure: it turns those inventories into
-spec data in the same shapes the resources compare, so that ``plan`` of the result shows no
-changes for everything it kept. Whatever cannot be expressed exactly (a disk outside any dir
-pool, an NFS mount whose server was not imported, a pool of another type) is left out and
-named in ``notes``: an import never guesses, because a guess would be "drift" that ``apply``
-then "repairs".
+fstab, mountinfo and /etc/exports; one libvirt call listing pools, volumes, domains and
+networks; one batch of ``stat`` for the volumes' owners). ``build`` is pure: it turns those
+inventories into spec data in the same shapes the resources compare, so that ``plan`` of the
+result shows no changes for everything it kept. Whatever cannot be expressed exactly (a disk
+outside any dir pool, an NFS mount whose server was not imported, a pool of another type) is
+left out and named in ``notes``: an import never guesses, because a guess would be "drift"
+that ``apply`` then "repairs".
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kvmstate.resources.imports import (
     Existing,
     Imported,
     Inventory,
+    NetworkInfo,
     PoolInfo,
     VolumeInfo,
 )
@@ -80,6 +81,23 @@ def list_libvirt(conn: Any) -> tuple[list[PoolInfo], list[VolumeInfo], list[Doma
     return pools, volumes, domains
 
 
+def list_networks(conn: Any) -> list[NetworkInfo]:
+    """The networks of one libvirt connection, observed as the network kind observes them."""
+    out: list[NetworkInfo] = []
+    for net in conn.listAllNetworks(0):
+        st = virt.observe_network(conn, net.name())
+        if st is not None:  # undefined while we looked
+            out.append(NetworkInfo(net.name(), st))
+    return out
+
+
+def list_all(
+    conn: Any,
+) -> tuple[list[PoolInfo], list[VolumeInfo], list[DomainInfo], list[NetworkInfo]]:
+    """``list_libvirt`` and ``list_networks`` in one call (one worker-thread hop)."""
+    return (*list_libvirt(conn), list_networks(conn))
+
+
 async def gather_host(
     transports: Transports,
     host: str,
@@ -107,9 +125,10 @@ async def gather_host(
     pools: list[PoolInfo] = []
     volumes: list[VolumeInfo] = []
     domains: list[DomainInfo] = []
+    networks: list[NetworkInfo] = []
     lv = transports.libvirt(host)
     try:
-        pools, volumes, domains = await lv.run(list_libvirt, await lv.connect())
+        pools, volumes, domains, networks = await lv.run(list_all, await lv.connect())
     except KvmstateError:
         # a host without libvirtd (the storage host) is fine; a broken libvirtd is not
         res = await shell.run(["test", "-S", REMOTE_SOCKET], check=False)
@@ -137,6 +156,7 @@ async def gather_host(
         domains,
         notes,
         facts,
+        networks,
     )
 
 

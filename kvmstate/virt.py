@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvmstate.errors import KvmstateError
 from kvmstate.transport.libvirt import VIR_ERR_NO_DOMAIN as NO_DOMAIN
 from kvmstate.transport.libvirt import VIR_ERR_NO_STORAGE_POOL as NO_POOL
 from kvmstate.transport.libvirt import VIR_ERR_NO_STORAGE_VOL as NO_VOLUME
@@ -29,10 +30,13 @@ from kvmstate.transport.libvirt import is_not_found
 from kvmstate.transport.libvirt import libvirt_module as _libvirt
 from kvmstate.virtxml import (
     NS,
+    CpuConfig,
     DomainConfig,
     NetworkConfig,
     VolumeState,
+    cpu_xml,
     network_xml,
+    parse_cpu,
     parse_domain_xml,
     parse_network_xml,
     parse_pool_path,
@@ -494,23 +498,118 @@ def start_postcopy(conn: Any, name: str) -> None:
     conn.lookupByName(name).migrateStartPostCopy(0)
 
 
-def cpu_compatible(src: Any, dst: Any, name: str) -> tuple[bool | None, str]:
-    """Is the domain's guest CPU usable on ``dst``? (None: cannot tell on this driver)."""
-    root = parse_xml(src.lookupByName(name).XMLDesc(0))
-    cpu = root.find("cpu")
-    if cpu is None or root.get("type") == "qemu":
-        return None, "no host CPU model in use (TCG or default CPU)"
+class NoCpuCaps(KvmstateError):
+    """The libvirt driver reports no domain capabilities (libvirt's test driver)."""
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """What a host's ``getDomainCapabilities`` says of guest CPUs for one virt type: the
+    emulator, arch, machine and virt type that ``baselineHypervisorCPU`` and
+    ``compareHypervisorCPU`` take, the modes it supports, and its host-model CPU (as the
+    ``<cpu>`` XML the baseline is fed, and parsed)."""
+
+    emulator: str | None
+    arch: str | None
+    machine: str | None
+    virttype: str
+    modes: frozenset[str]
+    host_model_xml: str | None
+    host_model: CpuConfig | None
+
+
+def cpu_caps(conn: Any, virttype: str) -> CpuCaps:
+    """The host's guest-CPU capabilities for ``virttype`` (kvm | qemu); raises
+    ``NoCpuCaps`` when the driver cannot tell (libvirt's test driver)."""
     lv = _libvirt()
     try:
-        res = dst.compareHypervisorCPU(
-            None, None, None, None, ET.tostring(cpu, encoding="unicode"), 0
-        )
+        xml = conn.getDomainCapabilities(None, None, None, virttype, 0)
     except lv.libvirtError as e:
         if e.get_error_code() == NO_SUPPORT:
-            return None, "compareHypervisorCPU not supported by the target"
+            raise NoCpuCaps(
+                "the libvirt driver does not report domain capabilities "
+                "(getDomainCapabilities): no CPU baseline or comparison here"
+            ) from e
+        raise
+    root = parse_xml(xml)
+    modes = frozenset(
+        m.get("name", "") for m in root.findall("cpu/mode") if m.get("supported") == "yes"
+    )
+    hm = root.find("cpu/mode[@name='host-model']")
+    host_xml = None
+    if hm is not None and hm.get("supported") == "yes":
+        cpu = ET.Element("cpu", mode="custom", match="exact")
+        for child in hm:
+            if child.tag in ("model", "vendor", "feature"):
+                cpu.append(child)
+        host_xml = ET.tostring(cpu, encoding="unicode")
+    return CpuCaps(
+        root.findtext("path"),
+        root.findtext("arch"),
+        root.findtext("machine"),
+        virttype,
+        modes,
+        host_xml,
+        parse_cpu(hm) if host_xml else None,
+    )
+
+
+def baseline_cpu(conn: Any, caps: CpuCaps, host_cpus: Sequence[str]) -> CpuConfig:
+    """libvirt's ``baselineHypervisorCPU`` of the hosts' host-model CPUs (``<cpu>`` XML), for
+    the emulator/arch/machine/virt type of ``caps``: the newest CPU all of them can run."""
+    got = conn.baselineHypervisorCPU(
+        caps.emulator, caps.arch, caps.machine, caps.virttype, list(host_cpus), 0
+    )
+    cpu = parse_cpu(parse_xml(got))
+    if cpu is None or cpu.model is None:
+        raise KvmstateError(f"baselineHypervisorCPU gave no CPU model: {got[:200]}")
+    return cpu
+
+
+def compare_cpu(conn: Any, caps: CpuCaps, cpu: CpuConfig) -> tuple[bool | None, str]:
+    """Can this host run ``cpu`` (``compareHypervisorCPU``, failing on an incompatible CPU so
+    that libvirt names the features the host lacks)? None: libvirt cannot compare it
+    (host-passthrough, host-model: the host's own CPU)."""
+    if cpu.mode != "custom":
+        return None, f"{cpu.mode}: the host's own CPU (no model to compare)"
+    lv = _libvirt()
+    try:
+        res = conn.compareHypervisorCPU(
+            caps.emulator,
+            caps.arch,
+            caps.machine,
+            caps.virttype,
+            cpu_xml(cpu),
+            lv.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE,
+        )
+    except lv.libvirtError as e:
+        if e.get_error_code() == lv.VIR_ERR_CPU_INCOMPATIBLE:
+            msg = str(e.get_error_message() or e)
+            msg = msg.split("host CPU: ", 1)[-1]
+            return False, f"{_cpu_name(cpu)}: {msg}"
         raise
     ok = res in (lv.VIR_CPU_COMPARE_IDENTICAL, lv.VIR_CPU_COMPARE_SUPERSET)
-    return ok, "compatible" if ok else "guest CPU not supported by the target host"
+    return ok, f"{_cpu_name(cpu)} runs here" if ok else f"{_cpu_name(cpu)} incompatible"
+
+
+def _cpu_name(cpu: CpuConfig) -> str:
+    """A short name for a check's detail: a baseline lists dozens of features."""
+    n = len(cpu.features)
+    return cpu.describe() if n <= 4 else f"{cpu.model} (+{n} feature policies)"
+
+
+def cpu_compatible(src: Any, dst: Any, name: str) -> tuple[bool | None, str]:
+    """Is the domain's guest CPU (its current definition on ``src``) usable on ``dst``?
+    (None: cannot tell: no CPU model, or the driver cannot compare)."""
+    root = parse_xml(src.lookupByName(name).XMLDesc(0))
+    cpu = parse_cpu(root.find("cpu"))
+    if cpu is None or cpu.mode != "custom" or cpu.model is None:
+        return None, "no CPU model in use (the hypervisor's default or the host's CPU)"
+    try:
+        caps = cpu_caps(dst, root.get("type") or "kvm")
+    except NoCpuCaps as e:
+        return None, str(e)
+    return compare_cpu(dst, caps, cpu)
 
 
 def volume_visible(conn: Any, pool_name: str, name: str) -> bool:

@@ -10,7 +10,7 @@ import ipaddress
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from kvmstate.spec import Domain
+from kvmstate.spec import Cpu, Domain
 
 NS = "https://kvmstate.dev/xmlns/1"
 ET.register_namespace("kvmstate", NS)
@@ -109,6 +109,79 @@ GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 @dataclass(frozen=True)
+class CpuConfig:
+    """A domain's ``<cpu>``: the mode, the named model, the features with their policies
+    (sorted by name). Mode ``baseline`` is kvmstate's and never reaches libvirt: it is
+    resolved into a ``custom`` CPU (``resolve_baseline``) before a domain is defined."""
+
+    mode: str
+    model: str | None = None
+    features: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        """For the plan: ``qemu64 (+vmx, -svm)``, ``host-passthrough``."""
+        what = self.model if self.model else self.mode
+        if not self.features:
+            return what
+        sign = {"require": "+", "force": "+!", "disable": "-", "forbid": "-!", "optional": "?"}
+        return f"{what} ({', '.join(sign.get(p, p + ':') + n for n, p in self.features)})"
+
+    def with_features(self, extra: dict[str, str]) -> CpuConfig:
+        merged = dict(self.features) | extra
+        return CpuConfig(self.mode, self.model, tuple(sorted(merged.items())))
+
+    def projected(self, want: CpuConfig) -> CpuConfig:
+        """This (observed) CPU reduced to the fields ``want`` sets: its model only when
+        ``want`` names one, and only the features ``want`` lists (libvirt adds the ones a
+        running guest's model implies)."""
+        mine = dict(self.features)
+        return CpuConfig(
+            self.mode,
+            self.model if want.model is not None else None,
+            tuple((n, mine[n]) for n, _ in want.features if n in mine),
+        )
+
+
+def cpu_config(spec: Cpu | None) -> CpuConfig | None:
+    """The spec's CPU (a ``baseline`` one still to be resolved on the hosts)."""
+    if spec is None:
+        return None
+    return CpuConfig(spec.mode, spec.model, tuple(sorted(spec.features.items())))
+
+
+def cpu_xml(c: CpuConfig) -> str:
+    return ET.tostring(_cpu_element(c), encoding="unicode")
+
+
+def _cpu_element(c: CpuConfig) -> ET.Element:
+    if c.mode == "baseline":
+        raise ValueError("a baseline CPU must be resolved on the hosts before it is defined")
+    el = ET.Element("cpu", mode=c.mode)
+    if c.mode == "custom":
+        el.set("match", "exact")
+    if c.model:
+        ET.SubElement(el, "model", fallback="forbid").text = c.model
+    for name, policy in c.features:
+        ET.SubElement(el, "feature", policy=policy, name=name)
+    return el
+
+
+def parse_cpu(el: ET.Element | None) -> CpuConfig | None:
+    """A ``<cpu>`` element (of a domain, of ``baselineHypervisorCPU``'s answer); a host-model
+    ``<mode>`` of the domain capabilities reads as the custom CPU it stands for."""
+    if el is None:
+        return None
+    mode = el.get("mode") or ("custom" if el.find("model") is not None else None)
+    if el.tag == "mode":  # domcapabilities: <mode name='host-model'><model>..</model>
+        mode = "custom"
+    if mode is None:
+        return None
+    model = el.findtext("model")
+    feats = sorted((f.get("name", ""), f.get("policy", "require")) for f in el.findall("feature"))
+    return CpuConfig(mode, model.strip() if model else None, tuple(feats))
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     """The managed fields of a domain definition (persistent or live)."""
 
@@ -126,6 +199,7 @@ class DomainConfig:
     current_kib: int = 0  # currentMemory (the balloon target)
     cdroms: tuple[CdromConfig, ...] = ()
     guest_agent: bool = False  # the QEMU guest agent's virtio channel
+    cpu: CpuConfig | None = None  # <cpu>: None when the definition has none (QEMU's default)
 
 
 def cdrom_target(bus: str, disk_targets: list[str]) -> str:
@@ -169,6 +243,7 @@ def desired_config(
         spec.memory // 1024,
         cdroms,
         spec.guest_agent,
+        cpu_config(spec.cpu),
     )
 
 
@@ -189,6 +264,8 @@ def build_domain_xml(name: str, c: DomainConfig) -> str:
                 ET.SubElement(os_el, tag).text = value
     else:
         ET.SubElement(os_el, "boot", dev="hd")
+    if c.cpu is not None:
+        root.append(_cpu_element(c.cpu))
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
@@ -307,7 +384,16 @@ def parse_domain_xml(xml: str) -> DomainConfig:
         _kib(root.find("currentMemory")) or _kib(root.find("memory")),
         tuple(cdroms),
         agent,
+        _domain_cpu(root.find("cpu")),
     )
+
+
+def _domain_cpu(el: ET.Element | None) -> CpuConfig | None:
+    """A domain's CPU; a ``<cpu>`` that only sets topology or NUMA is no CPU model."""
+    cpu = parse_cpu(el)
+    if cpu is None or (cpu.mode == "custom" and cpu.model is None and not cpu.features):
+        return None
+    return cpu
 
 
 # --- networks ----------------------------------------------------------------------------------

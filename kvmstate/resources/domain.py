@@ -23,8 +23,9 @@ A domain without kvmstate's ``<metadata>`` marker is only adopted with ``--adopt
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvmstate import spec as spec_models
@@ -32,7 +33,7 @@ from kvmstate import virt, virtxml
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff, Message
-from kvmstate.resources import prereq
+from kvmstate.resources import cpu, prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.imports import DomainInfo, Existing, Imported, Inventory
@@ -111,6 +112,8 @@ def config_diffs(
         names.append("cdroms")
     names.append("guest_agent")
     out = []
+    if (cpu_change := _cpu_diff(want, have, drift)) is not None:
+        out.append(cpu_change)
     for f in names:
         w, h = getattr(want, f), getattr(have, f)
         if f == "nics":  # compare a MAC only where the spec sets one
@@ -124,6 +127,19 @@ def config_diffs(
         if w != h:
             out.append(diff(f, _plain(h), _plain(w), drift))
     return out
+
+
+def _cpu_diff(want: DomainConfig, have: DomainConfig, drift: DriftClass) -> FieldDiff | None:
+    """The CPU, when the spec sets one: its mode, its model when named, the features the spec
+    lists (libvirt lists more in a running guest's definition). A running host-model guest's
+    definition shows the model it was expanded to: compared in the persistent config only."""
+    w = want.cpu
+    if w is None or (drift == "pending-restart" and w.mode == "host-model"):
+        return None
+    h = have.cpu.projected(w) if have.cpu is not None else None
+    if h == w:
+        return None
+    return diff("cpu", h.describe() if h else None, w.describe(), drift)
 
 
 def _plain(v: object) -> object:
@@ -160,6 +176,12 @@ class DomainResource(Resource[DomainObs]):
             "A network interface on a bridge or network.",
         ),
         DocSection(
+            "domains.NAME.cpu",
+            spec_models.Cpu,
+            "The guest CPU: the host's, a named model with features, or the baseline of the "
+            "allowed hosts.",
+        ),
+        DocSection(
             "domains.NAME.serial",
             spec_models.Serial,
             "The serial console (`pty` or `file`).",
@@ -188,6 +210,12 @@ class DomainResource(Resource[DomainObs]):
     def hosts(self) -> tuple[str, ...]:
         return tuple(domain_hosts(self.spec, self.name))
 
+    async def _resolve_cpu(self, ctx: RunContext) -> None:
+        """A baseline CPU is computed from the allowed hosts' capabilities (memoized per
+        plan): the definition, the diff and the plan then carry the resolved model."""
+        if self.d.cpu is not None and self.d.cpu.mode == "baseline" and not self.absent:
+            self.want = replace(self.want, cpu=await cpu.resolve_cpu(ctx, self.d))
+
     def needs(self) -> dict[str, frozenset[prereq.Requirement]]:
         # libvirt on every host it may be found on; QEMU (and /dev/kvm) where it may run
         run = {*self.requires, *([prereq.KVM_DEVICE] if self.d.type == "kvm" else [])}
@@ -208,6 +236,7 @@ class DomainResource(Resource[DomainObs]):
         return frozenset(deps)
 
     async def observe(self, ctx: RunContext) -> DomainObs | None:
+        await self._resolve_cpu(ctx)
         found = await locate(ctx, self.name, self.hosts())
         if len(found) > 1:
             raise KvmstateError(
@@ -243,6 +272,16 @@ class DomainResource(Resource[DomainObs]):
             if not (x.field == "current_kib" and self.want.memory_kib <= live.memory_kib)
         ]
 
+    def _cpu_create_diff(self) -> list[FieldDiff]:
+        c = self.want.cpu
+        if c is None:
+            return []
+        if c.mode == "baseline":  # not resolved: --assume-empty reads no host
+            hosts = ", ".join(self.d.allowed_hosts())
+            extra = c.describe().removeprefix("baseline")
+            return [diff("cpu", None, f"baseline of {hosts}{extra}, from their CPUs at plan")]
+        return [diff("cpu", None, c.describe())]
+
     def _restart_diff(self) -> FieldDiff:
         how = f"graceful shutdown (up to {format_duration(self.d.shutdown_timeout)}), then start"
         return diff("restart", None, how, "runtime")
@@ -264,7 +303,11 @@ class DomainResource(Resource[DomainObs]):
         if observed is None:
             return self.change(
                 Action.CREATE,
-                [diff("defined", None, d.host), diff("state", None, d.state, "runtime")],
+                [
+                    diff("defined", None, d.host),
+                    diff("state", None, d.state, "runtime"),
+                    *self._cpu_create_diff(),
+                ],
                 f"{d.type} domain, {d.vcpus} vCPU, {self.want.memory_kib // 1024} MiB on {d.host}",
             )
         o = observed
@@ -490,6 +533,34 @@ def _interfaces(cfg: virtxml.DomainConfig) -> tuple[list[dict[str, Any]] | None,
     return nics, ""
 
 
+_CPU_POLICIES = ("force", "require", "optional", "disable", "forbid")
+_CPU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the spec's CpuModel
+_CPU_FEATURE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # the spec's CpuFeature
+
+
+def _cpu(cfg: virtxml.DomainConfig) -> tuple[dict[str, Any] | None, str]:
+    """The spec ``cpu:`` of a definition's CPU (None and why not, "" when it has none). A
+    baseline cannot be told from the named model it was resolved to: it comes back as one."""
+    c = cfg.cpu
+    if c is None:
+        return None, ""
+    if c.mode in ("host-passthrough", "host-model") and cfg.type != "kvm":
+        return None, f"mode {c.mode} on a {cfg.type} (TCG) domain"
+    if c.mode not in ("host-passthrough", "host-model", "custom"):
+        return None, f"cpu mode {c.mode!r}"
+    bad = [f"{n}={p}" for n, p in c.features if p not in _CPU_POLICIES or not _CPU_FEATURE.match(n)]
+    if bad or (c.model is not None and not _CPU_NAME.match(c.model)):
+        return None, f"features or model the spec cannot name ({', '.join(bad) or c.model})"
+    out: dict[str, Any] = {"mode": c.mode}
+    if c.mode == "custom":
+        if c.model is None:
+            return None, "a custom CPU without a model"
+        out["model"] = c.model
+    if c.features:
+        out["features"] = dict(c.features)
+    return out, ""
+
+
 def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | str:
     """The spec of one domain, or why it cannot be expressed."""
     st, cfg = dom.state, dom.state.config
@@ -529,6 +600,11 @@ def _domain(inv: Inventory, dom: DomainInfo, out: Imported) -> dict[str, Any] | 
         data["serial"] = {"type": kind, **({"path": path} if path else {})}
     if cfg.guest_agent:
         data["guest_agent"] = True
+    cpu_spec, why = _cpu(cfg)
+    if cpu_spec is not None:
+        data["cpu"] = cpu_spec
+    elif why:
+        out.notes.append(f"{inv.host}: domain {dom.name}: its CPU is left out: {why}")
     data |= {"state": _DOMAIN_STATES[st.state], "autostart": st.autostart, "host": inv.host}
     return data
 

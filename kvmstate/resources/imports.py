@@ -40,6 +40,12 @@ class DomainInfo:
     devices: tuple[str, ...]  # device element names in the persistent XML
 
 
+@dataclass(frozen=True)
+class NetworkInfo:
+    name: str
+    state: virt.NetworkState
+
+
 @dataclass
 class Inventory:
     """Everything ``import`` reads on one host."""
@@ -55,6 +61,7 @@ class Inventory:
     notes: list[str] = field(default_factory=list)
     # the values of the kinds' own import facts (``Resource.import_facts``), by fact name
     facts: dict[str, Any] = field(default_factory=dict)
+    networks: list[NetworkInfo] = field(default_factory=list)
 
 
 @dataclass

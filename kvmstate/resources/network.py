@@ -17,7 +17,8 @@ interface names the network and that may run on that host (``edges``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,9 @@ from kvmstate.model import Action, Change, DriftClass, FieldDiff
 from kvmstate.resources import prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
-from kvmstate.spec import Spec, VirtualNetwork
+from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.spec import Spec, VirtualNetwork, is_valid_name
+from kvmstate.spec.models import _DHCP_NAME_RE
 from kvmstate.virtxml import DhcpHostConfig, NetworkConfig, dhcp_host_xml, dhcp_range_xml
 
 #: libvirt runs dnsmasq for a network with an address (DHCP and DNS; seen on libvirt 9.0: an
@@ -191,10 +194,10 @@ class NetworkResource(Resource[NetworkObs]):
     )
     requires = (prereq.LIBVIRTD_BINARY, prereq.LIBVIRTD, DNSMASQ)
     uses_libvirt = True
-    cannot_import = (
-        "not yet: the importer reads libvirt's pools, volumes and domains but not its networks "
-        "(importer.list_libvirt); declare them under networks:"
-    )
+
+    @classmethod
+    def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+        import_networks(invs, out, existing)
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         self.n: VirtualNetwork = spec.networks[name]
@@ -484,3 +487,89 @@ def _check(spec: Spec) -> Iterator[Finding]:
 
 
 __all__ = ["DNSMASQ", "NetworkObs", "NetworkResource", "compare", "desired", "dhcp_edits"]
+
+
+# --- import: what hosts have -> spec entries ------------------------------------------------------
+
+_DHCP_NAME = re.compile(_DHCP_NAME_RE)
+
+
+def _network_entry(st: virt.NetworkState) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """The spec entry of one host's network (without ``hosts``), or None and why not; and
+    what was left out of it (notes)."""
+    c = st.config
+    if not st.persistent:
+        return None, "transient (not defined persistently)", []
+    if not st.active:
+        return None, "not active (the spec would start it)", []
+    if c.mode not in ("nat", "isolated", "bridge"):
+        return None, f"forward mode {c.mode!r} (nat, isolated or bridge only)", []
+    if c.mode == "bridge":
+        if not c.bridge:
+            return None, "a bridge network without a bridge", []
+        return {"mode": "bridge", "bridge": c.bridge, "autostart": st.autostart}, "", []
+    if c.address is not None and "/" not in c.address:
+        return None, f"address {c.address} without a prefix", []
+    if c.mode == "nat" and c.address is None:
+        return None, "a NAT network without an IPv4 address", []
+    entry: dict[str, Any] = {"mode": c.mode}
+    if c.bridge:
+        entry["bridge"] = c.bridge
+    if c.address:
+        entry["address"] = c.address
+    left: list[str] = []
+    if c.dhcp:
+        hosts_ok = all(
+            h.mac and h.ip and (h.name is None or _DHCP_NAME.match(h.name)) for h in c.dhcp_hosts
+        )
+        if not hosts_ok:
+            left.append("its DHCP (a static host without a MAC, an IP or a usable name)")
+        elif len(c.dhcp_ranges) > 1:
+            left.append(f"its DHCP ({len(c.dhcp_ranges)} ranges; the spec holds one)")
+        else:
+            dhcp: dict[str, Any] = {}
+            if c.dhcp_ranges:
+                start, end = c.dhcp_ranges[0]
+                dhcp["range"] = {"start": start, "end": end}
+            if c.dhcp_hosts:
+                dhcp["hosts"] = [
+                    {"mac": h.mac, "ip": h.ip, **({"name": h.name} if h.name else {})}
+                    for h in sorted(c.dhcp_hosts, key=lambda h: (_ip_key(h.ip), h.mac))
+                ]
+            entry["dhcp"] = dhcp
+    entry["autostart"] = st.autostart
+    return entry, "", left
+
+
+def import_networks(invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
+    """One entry per network name, on every host that has it defined alike; a network that
+    differs between hosts is left out and named (the spec has one definition per name)."""
+    found: dict[str, list[tuple[str, dict[str, Any], list[str]]]] = {}
+    for inv in invs:
+        for net in inv.networks:
+            if net.name in existing.names("networks"):
+                continue
+            what = f"network {net.name}"
+            if not is_valid_name(net.name):
+                out.skip(inv.host, what, "not a usable spec name")
+                continue
+            entry, why, left = _network_entry(net.state)
+            if entry is None:
+                out.skip(inv.host, what, why)
+                continue
+            found.setdefault(net.name, []).append((inv.host, entry, left))
+    for name, seen in found.items():
+        first = seen[0][1]
+        differ = [h for h, e, _ in seen if e != first]
+        if differ:
+            out.notes.append(
+                f"network {name} is defined differently on "
+                f"{', '.join(h for h, _, _ in seen)}: left out (one spec entry "
+                "is one definition on every host it lists); declare it by hand"
+            )
+            continue
+        hosts = [h for h, _, _ in seen]
+        out.data["networks"][name] = {"mode": first["mode"], "hosts": hosts} | first
+        for h, _, left in seen:
+            for what in left:
+                out.notes.append(f"{h}: network {name}: left out {what}")

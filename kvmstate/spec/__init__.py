@@ -8,6 +8,7 @@ turning every problem into ``file:line: field: message`` lives in ``loader.py``.
 
 from kvmstate.spec.models import (
     Boot,
+    Cpu,
     DhcpHost,
     DhcpRange,
     Disk,
@@ -55,6 +56,7 @@ __all__ = [
     "Address",
     "Boot",
     "Cmdline",
+    "Cpu",
     "Device",
     "DhcpHost",
     "DhcpRange",

@@ -453,6 +453,39 @@ class Interface(Model):
         return self
 
 
+CpuPolicy = Literal["force", "require", "optional", "disable", "forbid"]
+CpuFeature = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+CpuModel = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class Cpu(Model):
+    """The guest CPU: ``host-passthrough`` and ``host-model`` (KVM only), a named ``custom``
+    model, or the ``baseline`` of every host the domain may run on (``host`` and
+    ``placement.hosts``), computed with libvirt's ``baselineHypervisorCPU`` at plan time."""
+
+    mode: Literal["host-passthrough", "host-model", "custom", "baseline"] = Field(
+        default="custom",
+        description="host-passthrough / host-model: the host's CPU (KVM only); custom: "
+        "`model`; baseline: a CPU every allowed host can run (for live migration anywhere)",
+    )
+    model: CpuModel | None = Field(
+        default=None, description="the named CPU model (mode: custom), e.g. qemu64, Nehalem"
+    )
+    features: dict[CpuFeature, CpuPolicy] = Field(
+        default_factory=dict,
+        description="CPU features and their policy, e.g. {vmx: require} (nested "
+        "virtualization); on top of the mode's CPU",
+    )
+
+    @model_validator(mode="after")
+    def _model_for_custom(self) -> Cpu:
+        if self.mode == "custom" and not self.model:
+            raise ValueError("cpu mode custom needs a model (e.g. qemu64, Nehalem)")
+        if self.mode != "custom" and self.model:
+            raise ValueError(f"cpu mode {self.mode} takes no model (mode: custom does)")
+        return self
+
+
 def _serial_shorthand(value: Any) -> Any:
     return {"type": value} if isinstance(value, str) else value
 
@@ -656,6 +689,9 @@ class CloudInit(Model):
         return self
 
 
+_HOST_CPU_MODES = ("host-passthrough", "host-model")
+
+
 class Domain(Model):
     type: Literal["kvm", "qemu"] = "kvm"
     memory: Annotated[Size, Field(gt=0)]
@@ -684,12 +720,26 @@ class Domain(Model):
         "to power off after the ACPI power button before it is powered off by force "
         "(0: at once)",
     )
+    cpu: Cpu | None = Field(
+        default=None,
+        description="the guest CPU model (none: the hypervisor's default CPU)",
+    )
     restart: Literal["on-request", "on-change"] = Field(
         default="on-request",
         description="a running guest whose config changed in a way that needs a restart "
         "(memory, vCPUs, devices): on-request: it stays 'pending restart' until `apply "
         "--restart-pending`; on-change: apply restarts it (graceful shutdown, then start)",
     )
+
+    @model_validator(mode="after")
+    def _cpu_for_type(self) -> Domain:
+        if self.cpu is not None and self.type == "qemu" and self.cpu.mode in _HOST_CPU_MODES:
+            raise ValueError(
+                f"cpu mode {self.cpu.mode} needs hardware virtualization (type: kvm): a TCG "
+                "guest (type: qemu) has no host CPU to pass through or model; use mode: "
+                "custom with a model (qemu64, Nehalem...) or mode: baseline"
+            )
+        return self
 
     def allowed_hosts(self) -> list[str]:
         if self.placement is None:
