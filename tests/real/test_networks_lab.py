@@ -169,6 +169,13 @@ def test_a_restart_of_a_used_network_is_blocked_naming_the_guest(
 def test_dhcp_lease_for_a_disk_booted_guest_and_show_prints_it(lab: Lab, tmp_path: Path) -> None:
     spec = variant(tmp_path, "bootable-net", on_network, BOOTABLE_SPEC)
     lab.reset()
+    try:
+        _dhcp_lease_and_show(lab, spec)
+    finally:
+        lab.reset()  # its 128 MiB template volume is not the lab guest's disk the next test wants
+
+
+def _dhcp_lease_and_show(lab: Lab, spec: Path) -> None:
     converge(spec)
     serial = Path("/var/log/libvirt/qemu") / f"{GUEST}.serial.log"
     deadline = time.monotonic() + 120  # a TCG guest boots slowly on two busy cores
