@@ -217,30 +217,37 @@ class Resource(ABC, Generic[ObsT]):
         domain needs QEMU only where it may run, /dev/kvm only for type kvm)."""
         return {h: frozenset(self.requires) for h in self.hosts()}
 
-    def _probes(self) -> list[tuple[str, Fact[tuple[Missing, ...]]]]:
+    # what every resource of the run needs on each host (set by ``Registry.graph``): then all
+    # resources on a host share ONE probe of the union, as one command of the host's batch
+    host_needs: Mapping[str, frozenset[Requirement]] | None = None
+
+    def _probes(self) -> list[tuple[str, frozenset[str], Fact[tuple[Missing, ...]]]]:
+        """(host, the names this resource needs there, the probe fact read for them)."""
         out = []
         for h, reqs in self.needs().items():
-            probe = [r for r in reqs if r.kind != "daemon"]
-            if probe:
-                out.append((h, probe_fact(h, probe)))
+            mine = frozenset(r.name for r in reqs if r.kind != "daemon")
+            if not mine:
+                continue
+            shared = self.host_needs.get(h, reqs) if self.host_needs is not None else reqs
+            out.append((h, mine, probe_fact(h, [r for r in shared if r.kind != "daemon"])))
         return out
 
     def reads(self) -> list[tuple[str, Fact[Any]]]:
         """Everything the plan reads for this resource, batched per host by the engine: its
         ``facts()`` and the probe of what it needs on each host."""
-        return [*self.facts(), *self._probes()]
+        return [*self.facts(), *((h, fact) for h, _, fact in self._probes())]
 
     async def preconditions(self, ctx: RunContext) -> list[str]:
         """What its hosts lack of what it needs, each said with the fix (read from the
         batched probe; a failing probe is left to observe, which meets the host again)."""
         out = []
-        for h, probe in self._probes():
+        for h, mine, probe in self._probes():
             try:
                 lacking = await ctx.facts(h).get(probe)
             except Exception as exc:  # noqa: BLE001 - the host's own reads report it
                 self.log.debug("prerequisites of %s unknown: %s", h, exc)
                 continue
-            out += [self._lacks(ctx, m) for m in lacking]
+            out += [self._lacks(ctx, m) for m in lacking if m.need in mine]
         return out
 
     def _lacks(self, ctx: RunContext, m: Missing) -> str:

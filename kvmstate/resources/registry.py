@@ -21,6 +21,7 @@ from kvmstate.checks import Finding
 from kvmstate.engine.graph import ResourceGraph, build_graph
 from kvmstate.loader import LoadedSpec, load_spec, parse_spec_text
 from kvmstate.resources.base import DocSection, Resource
+from kvmstate.resources.prereq import Requirement
 from kvmstate.spec import Host, MigrationLimits, Name, Spec, SSHDefaults, SSHOverrides
 
 Kind = type[Resource[Any]]
@@ -78,7 +79,15 @@ class Registry:
         path: str = "<spec>",
         lines: dict[tuple[str | int, ...], int] | None = None,
     ) -> ResourceGraph:
-        return build_graph(spec, self.kinds, path=path, lines=lines)
+        graph = build_graph(spec, self.kinds, path=path, lines=lines)
+        resources = [r for r in graph.resources.values() if isinstance(r, Resource)]
+        union: dict[str, frozenset[Requirement]] = {}
+        for r in resources:
+            for host, reqs in r.needs().items():
+                union[host] = union.get(host, frozenset()) | reqs
+        for r in resources:
+            r.host_needs = union  # one prerequisite probe per host, shared
+        return graph
 
     def needs_for_host(self, spec: Any, host: str) -> set[str]:
         """The requirement names ``host`` needs for the resources the spec puts on it."""

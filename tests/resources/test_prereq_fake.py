@@ -45,3 +45,22 @@ def test_a_missing_tool_is_named_with_its_package_and_nothing_is_touched() -> No
     cluster["storage"].missing.clear()
     cluster["kvm-2"].missing.clear()
     assert run(engine(cluster).apply()).converged
+
+
+def test_the_registry_graph_probes_each_host_once_and_blames_only_who_needs_it() -> None:
+    """Through ``REGISTRY.graph`` (what the CLI uses) every resource on a host reads ONE probe
+    of the union of what they need there: one command in the host's batch, not one per
+    resource. What is missing is still said only on the resources that need it."""
+    from kvmstate.resources import REGISTRY
+
+    spec = make_spec()
+    cluster = FakeCluster(spec)
+    prepare(cluster)
+    cluster["storage"].missing.add("cmd:btrfs")
+    cluster["kvm-2"].missing.add("cmd:qemu-system-x86_64")
+    plan = run(Engine(REGISTRY.graph(spec), RunContext(spec, cluster, Options())).plan())
+    for host in ("storage", "kvm-1", "kvm-2"):
+        probes = [a for a in cluster[host].history if a[3:4] == ("kvmstate-prereq",)]
+        assert len(probes) == 1, (host, probes)
+    errors = {str(rid) for rid in plan.errors}
+    assert errors == {"subvolume:storage:images", "domain:guest"}, plan.errors
