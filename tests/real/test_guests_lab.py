@@ -242,19 +242,28 @@ def test_two_linked_clones_each_with_its_own_hostname(guests_lab: Lab, tmp_path:
         wait_serial(lab, "kvm-2", "g2", HOSTNAME_LINE.format(hostname="g2-host"))
         assert HOSTNAME_LINE.format(hostname="g2-host") not in serial(lab, "kvm-1", "g1")
         assert plan_exit(spec) == 0
-        # the seed is on shared storage: g1 live-migrates to kvm-2 and keeps its CD-ROM, its
-        # hostname and its counter (the same boot goes on counting there)
-        before = counter_of(serial(lab, "kvm-1", "g1"))
+        # the seeds are on shared storage: both guests live-migrate (they swap hosts) and keep
+        # their CD-ROM, hostname and counter (the same boot goes on counting there)
+        before = {
+            "g1": counter_of(serial(lab, "kvm-1", "g1")),
+            "g2": counter_of(serial(lab, "kvm-2", "g2")),
+        }
+        swapped = {"g1": guest("g1", "kvm-2"), "g2": guest("g2", "kvm-1")}
+        sspec = spec_with(tmp_path, "swapped.yaml", vols, swapped)
+        r = cli("apply", sspec, "--auto-approve")
+        assert r.returncode == 0 and r.stdout.count("migrated") >= 2, r.stdout + r.stderr
+        assert plan_exit(sspec) == 0
+        for name, host in (("g1", "kvm-2"), ("g2", "kvm-1")):
+            assert f"{name}-cidata.iso" in virsh(lab, host, "domblklist", name)
+            after = wait_counter_past(lab, host, name, before[name])
+            # the same boot, hostname and all: the guest's memory carried over
+            assert after.boot == before[name].boot, (name, before[name], after)
+        # then both on kvm-2, for what follows
         moved = {"g1": guest("g1", "kvm-2"), "g2": guest("g2", "kvm-2")}
         mspec = spec_with(tmp_path, "moved.yaml", vols, moved)
         r = cli("apply", mspec, "--auto-approve")
         assert r.returncode == 0 and "migrated" in r.stdout, r.stdout + r.stderr
-        assert "g1-cidata.iso" in virsh(lab, "kvm-2", "domblklist", "g1")
         assert plan_exit(mspec) == 0
-        after = wait_counter_past(lab, "kvm-2", "g1", before)
-        # the same boot, hostname and all: the guest's memory carried over
-        assert after.boot == before.boot
-        assert "/g1.qcow2" in virsh(lab, "kvm-2", "domblklist", "g1")
         # a new identity: the plan says next boot, the disk is not touched
         inode = lab.run("storage", ["stat", "-c", "%i", "--", "/srv/images/g1.qcow2"]).stdout
         renamed = {
