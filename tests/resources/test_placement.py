@@ -211,3 +211,39 @@ def test_target_that_changed_after_the_plan_is_refused_at_apply(
     assert "the domain stays where it is" in out.error
     assert where(cluster) == {"kvm-1": "running"}
     assert not reserved_memory(mctx).get("kvm-2")
+
+
+def test_the_plan_says_what_the_migration_policy_will_do() -> None:
+    from kvmstate.resources.placement.migrate import describe_policy
+    from kvmstate.spec import MigrationPolicy
+
+    p = MigrationPolicy.model_validate(
+        {
+            "max_downtime": "300ms",
+            "downtime_steps": [{"after": "20s", "max_downtime": "1s"}],
+            "auto_converge": True,
+            "postcopy": "60s",
+            "bandwidth": "100MiB",
+            "timeout": "10m",
+        }
+    )
+    assert describe_policy(p) == (
+        "max downtime 300ms, raised to 1s after 20s, bandwidth 100MiB/s, "
+        "auto-converge (vCPUs throttled while not converging), post-copy after 1m, "
+        "abort after 10m"
+    )
+    assert describe_policy(MigrationPolicy()) == ""
+
+
+def test_a_live_migration_in_the_plan_names_its_policy(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    run(converge_upto(ctx, "placement"))
+    moved = make_spec(
+        LAB_SPEC.replace("    host: kvm-1\n", "    host: kvm-2\n")
+        + "migration: {max_downtime: 300ms, postcopy: 1m}\n"
+    )
+    change = run(plan(find(moved, "placement"), RunContext(moved, cluster)))
+    assert change.reason == (
+        "live-migrate guest kvm-1 -> kvm-2 (max downtime 300ms, post-copy after 1m)"
+    )

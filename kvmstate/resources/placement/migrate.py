@@ -166,3 +166,31 @@ class LiveMigration:
             iteration=s.get("memory_iteration"),
             dirty_rate=s.get("memory_dirty_rate"),
         )
+
+
+def describe_policy(p: MigrationPolicy) -> str:
+    """What a live migration under ``p`` will do, in the plan's words: "max downtime 300ms,
+    raised to 1s after 20s, post-copy after 1m, abort after 10m". Empty: libvirt's defaults."""
+    from kvmstate.units import format_duration, format_size
+
+    parts = []
+    if p.max_downtime is not None:
+        parts.append(f"max downtime {format_duration(p.max_downtime)}")
+    for step in p.downtime_steps or []:
+        parts.append(
+            f"raised to {format_duration(step.max_downtime)} after {format_duration(step.after)}"
+        )
+    if p.bandwidth is not None:
+        parts.append(f"bandwidth {format_size(p.bandwidth)}/s")
+    if p.auto_converge:
+        parts.append("auto-converge (vCPUs throttled while not converging)")
+    if p.parallel_connections:
+        parts.append(f"{p.parallel_connections} parallel connections")
+    if p.compressed:
+        parts.append("compressed")
+    if p.postcopy is not None:
+        parts.append(f"post-copy after {format_duration(p.postcopy)}")
+    if p.timeout is not None:
+        then = "post-copy" if p.on_timeout == "postcopy" else "abort"
+        parts.append(f"{then} after {format_duration(p.timeout)}")
+    return ", ".join(parts)

@@ -26,7 +26,7 @@ from kvmstate.resources import cpu
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
 from kvmstate.resources.domain import domain_hosts, locate
-from kvmstate.resources.placement.migrate import LiveMigration
+from kvmstate.resources.placement.migrate import LiveMigration, describe_policy
 from kvmstate.resources.placement.schedule import Move, TargetMemory, arrange_migrations
 from kvmstate.spec import Domain, MigrationPolicy, Spec
 
@@ -274,7 +274,8 @@ class PlacementResource(Resource[PlacementObs]):
             self.id,
             Action.MIGRATE,
             (diff("host", o.host, o.target, "runtime"),),
-            f"{'live-migrate' if live else 'move'} {self.name} {o.host} -> {o.target}",
+            f"{'live-migrate' if live else 'move'} {self.name} {o.host} -> {o.target}"
+            + (f" ({policy})" if live and (policy := describe_policy(self.policy)) else ""),
             checks=o.checks,
             data=Move(o.host, o.target, live, self.d.memory, o.memory),
         )
