@@ -18,7 +18,6 @@ Nothing is installed on the machine: ``apt-get download`` + ``dpkg -x`` into the
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import logging
@@ -312,18 +311,8 @@ def build_initramfs(root: Path, modules: dict[str, Path]) -> Path:
     init = root / "init"
     init.write_text(INIT)
     init.chmod(0o755)
-    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    cpio = subprocess.run(
-        ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
-        input="\n".join(names).encode() + b"\n",
-        cwd=root,
-        capture_output=True,
-        check=False,
-    )
-    if cpio.returncode != 0:
-        raise LabError(f"cpio failed: {cpio.stderr.decode().strip()}")
     out = root.parent / "initrd.cpio.gz"
-    out.write_bytes(gzip.compress(cpio.stdout, compresslevel=6))
+    image.pack_initramfs(root, out)
     return out
 
 

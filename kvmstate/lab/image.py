@@ -443,6 +443,13 @@ def build_initramfs(
     ):
         (root / rel).write_text(text)
         (root / rel).chmod(0o755)
+    pack_initramfs(root, out)
+    return order
+
+
+def pack_initramfs(root: Path, out: Path) -> None:
+    """``root`` as a gzipped newc cpio archive (an initramfs), owned by root:root, in ``out``
+    (no timestamp in the gzip header: the same tree gives the same bytes)."""
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     cpio = subprocess.run(
         [tool("cpio"), "--quiet", "-o", "-H", "newc", "-R", "0:0"],
@@ -454,7 +461,6 @@ def build_initramfs(
     if cpio.returncode != 0:
         raise LabError(f"cpio failed: {cpio.stderr.decode().strip()}")
     out.write_bytes(gzip.compress(cpio.stdout, compresslevel=6, mtime=0))
-    return order
 
 
 def write_disk_image(
