@@ -10,7 +10,6 @@ log), TCG (type: qemu)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from labkit import (
 )
 
 from kvmstate.lab.lab import Lab
+from kvmstate.lab.proc import wait_for
 from kvmstate.model import Action, Change
 
 pytestmark = pytest.mark.lab
@@ -81,12 +81,12 @@ def test_baseline_cpu_boots_passes_the_preflight_on_both_hosts_and_migrates(
     # the guest boots with it: a new boot counts (the serial log keeps the old boot's last
     # lines until the new kernel prints: wait for a new boot id), its live definition has
     # the model
-    deadline = time.monotonic() + 120
+    wait_for(
+        "a new boot of the guest after the restart",
+        lambda: lab.guest_reading(GUEST).boot not in (None, before.boot),
+        timeout=120,
+    )
     after = lab.guest_reading(GUEST)
-    while after is None or after.boot == before.boot:
-        assert time.monotonic() < deadline, f"no new boot after the restart: {after}"
-        time.sleep(1)
-        after = lab.guest_reading(GUEST)
     assert after.boot is not None and after.boot != before.boot
     live = virsh(lab, "kvm-1", "dumpxml", GUEST)
     assert f">{model}</model>" in live, live

@@ -32,6 +32,7 @@ from labkit import LAB_SPEC, cli, converge, plan, virsh
 
 from kvmstate.lab.guest import CounterReading, parse_serial_reading
 from kvmstate.lab.lab import Lab
+from kvmstate.lab.proc import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -277,10 +278,11 @@ def test_two_linked_clones_each_with_its_own_hostname(guests_lab: Lab, tmp_path:
         assert plan(rspec).has_changes is False
         assert HOSTNAME_LINE.format(hostname="g1-renamed") not in serial(lab, "kvm-2", "g1")
         virsh(lab, "kvm-2", "shutdown", "g1")  # its next boot
-        deadline = time.monotonic() + 120
-        while virsh(lab, "kvm-2", "domstate", "g1").strip() != "shut off":
-            assert time.monotonic() < deadline, "g1 did not shut down"
-            time.sleep(1)
+        wait_for(
+            "g1 shut down by its guest",
+            lambda: virsh(lab, "kvm-2", "domstate", "g1").strip() == "shut off",
+            timeout=120,
+        )
         virsh(lab, "kvm-2", "start", "g1")
         wait_serial(lab, "kvm-2", "g1", HOSTNAME_LINE.format(hostname="g1-renamed"))
         same = lab.run("storage", ["stat", "-c", "%i", "--", "/srv/images/g1.qcow2"]).stdout
