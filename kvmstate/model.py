@@ -44,6 +44,11 @@ class Payload(Record):
     a typed value per kind (placement's move, the packages still missing)."""
 
 
+class Shown(Payload):
+    """A payload that is also an observation worth showing: `show --json` and `plan --json`
+    carry it under "observed" (only these: other payloads may hold what must not be shown)."""
+
+
 class Event(Record):
     """Something a run reports as it goes; ``kind`` names it (``"event"`` in ``--json``)."""
 
@@ -212,6 +217,8 @@ class Change:
             out["checks"] = [c.as_dict() for c in self.checks]
         if self.after:
             out["after"] = [str(a) for a in self.after]
+        if isinstance(self.data, Shown):
+            out["observed"] = self.data.as_dict()
         return out
 
 

@@ -294,5 +294,7 @@ class Resource(ABC, Generic[ObsT]):
     ) -> Change:
         return Change(self.id, action, tuple(diffs), reason, data=data)
 
-    def noop(self, reason: str, diffs: Iterable[FieldDiff] = ()) -> Change:
-        return Change(self.id, Action.NOOP, tuple(diffs), reason)
+    def noop(
+        self, reason: str, diffs: Iterable[FieldDiff] = (), data: Payload | None = None
+    ) -> Change:
+        return Change(self.id, Action.NOOP, tuple(diffs), reason, data=data)

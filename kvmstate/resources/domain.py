@@ -32,7 +32,7 @@ from kvmstate import spec as spec_models
 from kvmstate import virt, virtxml
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
-from kvmstate.model import Action, Change, DriftClass, FieldDiff, Message
+from kvmstate.model import Action, Change, DriftClass, FieldDiff, Message, Shown
 from kvmstate.resources import cpu, prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.common import diff
@@ -57,6 +57,13 @@ class DomainObs:
     restart_pending: bool = False  # the run may restart it (apply --restart-pending)
     addresses: tuple[str, ...] = ()  # leased by its networks' DHCP (running, on a network)
     reason: str = ""  # why it is paused ("migration", "ioerror", "user", "postcopy-failed"...)
+
+
+@dataclass(frozen=True)
+class GuestAddresses(Shown):
+    """A running guest's addresses, leased by its networks' DHCP (`show --json`: observed)."""
+
+    addresses: tuple[str, ...]
 
 
 def domain_hosts(spec: Spec, name: str) -> list[str]:
@@ -347,7 +354,8 @@ class DomainResource(Resource[DomainObs]):
                 )
         if not diffs:
             where = f", addresses {', '.join(o.addresses)}" if o.addresses else ""
-            return self.noop(f"domain {self.name} {o.state} on {o.host}{where}")
+            shown = GuestAddresses(o.addresses) if o.addresses else None
+            return self.noop(f"domain {self.name} {o.state} on {o.host}{where}", data=shown)
         ch = self.change(Action.UPDATE, diffs, f"domain {self.name} on {o.host}")
         if not o.config.managed and not o.adopt:
             return ch.with_blocked(

@@ -11,6 +11,7 @@ Written without being run by its author (the lab is shared): the lead runs it.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -190,3 +191,6 @@ def _dhcp_lease_and_show(lab: Lab, spec: Path) -> None:
     assert GUEST_IP in leases and MAC in leases
     shown = cli("show", spec)
     assert GUEST_IP in shown.stdout, shown.stdout
+    rows = json.loads(cli("show", spec, "--json").stdout)["resources"]
+    [dom] = [r for r in rows if r["id"] == f"domain:{GUEST}"]
+    assert dom["observed"] == {"addresses": [GUEST_IP]}, dom

@@ -185,3 +185,18 @@ def test_a_domain_paused_on_one_host_and_defined_on_another_is_left_alone(
     with pytest.raises(KvmstateError, match="defined on 2 hosts"):
         run(plan(res, ctx))
     assert virt.domain_state_name(k1.lookupByName("guest").state()[0]) == "paused"
+
+
+def test_a_running_guest_s_leased_addresses_are_shown_and_in_json() -> None:
+    """Issue 17: `show` (and --json, under "observed") lists a running guest's addresses."""
+    from kvmstate.resources.domain import DomainObs
+
+    res = find(make_spec(), "domain")
+    want = res.want  # type: ignore[attr-defined]
+    obs = DomainObs("kvm-1", want, want, "running", False, addresses=("192.168.150.10",))
+    change = res.diff(obs)
+    assert change.is_noop
+    assert change.reason == "domain guest running on kvm-1, addresses 192.168.150.10"
+    assert change.as_dict()["observed"] == {"addresses": ("192.168.150.10",)}
+    quiet = res.diff(DomainObs("kvm-1", want, want, "running", False))
+    assert "observed" not in quiet.as_dict()
