@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -140,13 +141,25 @@ def undefine_pool(conn: Any, name: str) -> None:
         pool.undefine()
 
 
-def refresh_pool(conn: Any, name: str) -> bool:
-    """Rescan an active pool's directory; False when the pool is missing or inactive."""
+def refresh_pool(conn: Any, name: str, wait: float = 600.0) -> bool:
+    """Rescan an active pool's directory; False when the pool is missing or inactive.
+
+    libvirt refuses to refresh a pool while one of its asynchronous jobs runs (an upload
+    stream into one of its volumes: seen on the lab when a seed and a disk image were uploaded
+    into the same pool at once): this waits for the job to end, up to ``wait`` seconds.
+    Blocking: call it through ``Libvirt.run``."""
     pool = lookup_pool(conn, name)
     if pool is None or not pool.isActive():
         return False
-    pool.refresh(0)
-    return True
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pool.refresh(0)
+            return True
+        except _libvirt().libvirtError as e:
+            if "asynchronous jobs running" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 # --- volumes -----------------------------------------------------------------------------------

@@ -112,3 +112,39 @@ def test_only_an_active_definition_counts_as_live() -> None:
     assert virt._LIVE_XML.match('  <domain type="qemu" id="12">')
     assert not virt._LIVE_XML.match("<domain type='kvm'>\n  <name>id='3'</name>")
     assert not virt._LIVE_XML.match("<domain type='kvm' xmlns:kid='x'>")
+
+
+def test_a_pool_refresh_waits_for_the_pool_s_running_upload() -> None:
+    """libvirt refuses `refresh` while an upload stream into the pool runs ("pool 'images' has
+    asynchronous jobs running", seen on the lab): refresh_pool waits for it instead of failing
+    the resource."""
+    import libvirt
+
+    class Pool:
+        calls = 0
+
+        def isActive(self) -> bool:
+            return True
+
+        def refresh(self, flags: int) -> None:
+            Pool.calls += 1
+            if Pool.calls < 3:
+                raise libvirt.libvirtError("pool 'images' has asynchronous jobs running.")
+
+    class Conn:
+        def storagePoolLookupByName(self, name: str) -> Pool:
+            return Pool()
+
+    assert virt.refresh_pool(Conn(), "images") is True
+    assert Pool.calls == 3
+
+    class Broken(Pool):
+        def refresh(self, flags: int) -> None:
+            raise libvirt.libvirtError("cannot open directory")
+
+    class Conn2:
+        def storagePoolLookupByName(self, name: str) -> Pool:
+            return Broken()
+
+    with pytest.raises(libvirt.libvirtError, match="cannot open"):
+        virt.refresh_pool(Conn2(), "images")
