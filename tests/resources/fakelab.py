@@ -15,7 +15,7 @@ from kvmstate.engine.graph import ResourceGraph
 from kvmstate.errors import RefusedError
 from kvmstate.model import Change
 from kvmstate.resources import KINDS, REGISTRY
-from kvmstate.resources.base import Resource, RunContext
+from kvmstate.resources.base import Options, Resource, RunContext
 from kvmstate.spec import Spec
 from kvmstate.testing.fake import FakeCluster, FakeMount
 
@@ -178,3 +178,27 @@ async def converge_upto(ctx: RunContext, last_kind: str) -> None:
 
 
 Driver = Callable[[Resource[Any], RunContext], Coroutine[Any, Any, Change]]
+
+
+def converged_cluster(text: str) -> tuple[Spec, FakeCluster]:
+    """A fake cluster on which the spec ``text`` was applied (and converged)."""
+    from kvmstate.engine import Engine
+
+    spec = make_spec(text)
+    cluster = FakeCluster(spec)
+    prepare(cluster)
+    report = run(Engine(REGISTRY.graph(spec), RunContext(spec, cluster, Options())).apply())
+    assert report.converged, report.as_dict()
+    return spec, cluster
+
+
+def import_round_trip(spec: Spec, cluster: FakeCluster) -> tuple[Spec, list[str]]:
+    """``kvmstate import`` of every host of ``spec`` into a bare base spec, loaded back the
+    way the CLI checks it; the imported spec and the import's notes."""
+    from kvmstate import importer
+
+    invs = run(importer.gather(cluster, {h: spec.hosts[h].address for h in spec.hosts}))
+    base = {"version": 1, "hosts": {h: {"address": spec.hosts[h].address} for h in spec.hosts}}
+    got = importer.build(invs, base)
+    text = importer.render_yaml(importer.merged(base, got), got.notes, "test import")
+    return REGISTRY.parse(text, "imported.yaml").spec, got.notes

@@ -5,16 +5,13 @@ named."""
 
 from __future__ import annotations
 
-from fakelab import LAB_SPEC, make_spec, prepare, run
+from fakelab import LAB_SPEC, converged_cluster, import_round_trip, run
 
-from kvmstate import importer, virt
+from kvmstate import virt
 from kvmstate.engine import Engine
 from kvmstate.engine.graph import build_graph
-from kvmstate.loader import parse_spec_text
 from kvmstate.resources import KINDS
 from kvmstate.resources.base import Options, RunContext
-from kvmstate.spec import Spec
-from kvmstate.testing.fake import FakeCluster
 from kvmstate.virtxml import NetworkConfig
 
 NETWORKS = """networks:
@@ -36,26 +33,9 @@ SPEC = LAB_SPEC.replace("      - bridge: br0\n", "      - bridge: br0\n      - n
 SPEC += NETWORKS
 
 
-def converged() -> tuple[Spec, FakeCluster]:
-    spec = make_spec(SPEC)
-    cluster = FakeCluster(spec)
-    prepare(cluster)
-    report = run(Engine(build_graph(spec, KINDS), RunContext(spec, cluster, Options())).apply())
-    assert report.converged, report.as_dict()
-    return spec, cluster
-
-
-def imported(spec: Spec, cluster: FakeCluster) -> tuple[Spec, list[str]]:
-    invs = run(importer.gather(cluster, {h: spec.hosts[h].address for h in spec.hosts}))
-    base = {"version": 1, "hosts": {h: {"address": spec.hosts[h].address} for h in spec.hosts}}
-    got = importer.build(invs, base)
-    text = importer.render_yaml(importer.merged(base, got), got.notes, "test import")
-    return parse_spec_text(text, "imported.yaml").spec, got.notes
-
-
 def test_networks_are_imported_and_plan_no_change() -> None:
-    spec, cluster = converged()
-    got, _notes = imported(spec, cluster)
+    spec, cluster = converged_cluster(SPEC)
+    got, _notes = import_round_trip(spec, cluster)
     assert got.networks == spec.networks
     assert [i.network for i in got.domains["guest"].interfaces] == [None, "nat"]
     plan = run(Engine(build_graph(got, KINDS), RunContext(got, cluster, Options())).plan())
@@ -63,7 +43,7 @@ def test_networks_are_imported_and_plan_no_change() -> None:
 
 
 def test_what_the_spec_cannot_hold_is_left_out_and_named() -> None:
-    spec, cluster = converged()
+    spec, cluster = converged_cluster(SPEC)
     k1, k2 = cluster["kvm-1"].conn(), cluster["kvm-2"].conn()
     # defined differently on the two hosts: another DHCP range on kvm-2
     virt.stop_network(k2, "nat")
@@ -77,7 +57,7 @@ def test_what_the_spec_cannot_hold_is_left_out_and_named() -> None:
     virt.define_network(k1, "routed", NetworkConfig("route", "virbr7", "10.9.0.1/24"))
     virt.start_network(k1, "routed")
     virt.stop_network(k2, "iso")
-    got, notes = imported(spec, cluster)
+    got, notes = import_round_trip(spec, cluster)
     assert got.networks == {}
     text = "\n".join(notes)
     assert "network nat is defined differently on kvm-1, kvm-2: left out" in text
