@@ -228,6 +228,9 @@ class Status(enum.StrEnum):
     FAILED = "failed"
     BLOCKED = "blocked"  # refused (destroy not allowed, pre-flight failed)
     SKIPPED = "skipped"  # a dependency failed or was blocked
+    # its host is down (fenced, or assumed down by a what-if): not converged, but what
+    # depends on it goes on (an HA domain restarted elsewhere)
+    DOWN = "down"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ COMMANDS = {
     "apply": "apply:cmd_apply",
     "drift": "drift:cmd_drift",
     "evacuate": "apply:cmd_evacuate",
+    "fence": "fence:cmd_fence",
     "show": "plan:cmd_show",
     "completion": "completion:cmd_completion",
     "graph": "specfile:cmd_graph",

@@ -21,7 +21,8 @@ EPILOG = {
     "plan": (
         "examples:\n  kvmstate plan specs/lab.yaml\n"
         "  kvmstate plan specs/seed.yaml --assume-empty   # review it, contact no host\n"
-        "  kvmstate plan specs/lab.yaml --json\n\n"
+        "  kvmstate plan specs/lab.yaml --json\n"
+        "  kvmstate plan specs/lab.yaml --host-down kvm-2   # what if kvm-2 died?\n\n"
         "exit status: 0 no changes, 2 changes pending, 1 error"
     ),
     "apply": (
@@ -50,6 +51,13 @@ EPILOG = {
         "examples:\n  kvmstate evacuate kvm-1 specs/lab.yaml\n"
         "  kvmstate evacuate kvm-1 specs/lab.yaml --auto-approve --json\n\n"
         "exit status: 0 converged, 1 error or not converged"
+    ),
+    "fence": (
+        "examples:\n  kvmstate fence kvm-1 cluster.yaml   # runs hosts.kvm-1.fence\n"
+        "  kvmstate fence kvm-1 cluster.yaml --confirm-off   # you switched it off\n\n"
+        "Refused while HOST answers over SSH. Journaled. The next apply restarts the\n"
+        "HA domains HOST had on other hosts.\n\n"
+        "exit status: 0 HOST is fenced, 1 error (nothing recorded)"
     ),
     "show": (
         "examples:\n  kvmstate show specs/lab.yaml\n  kvmstate show specs/lab.yaml --json\n\n"
@@ -128,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for Terraform users: plan always exits 0/2/1",
     )
     pl.add_argument("--allow-destroy", action="store_true", help="show deletions as allowed")
+    pl.add_argument(
+        "--host-down",
+        action="append",
+        metavar="HOST",
+        help="what if HOST died now: which domains restart where, which cannot (contacts "
+        "no HOST, changes nothing, exits 0); repeatable",
+    )
 
     ap = cmd("apply", "change the cluster to match the spec")
     ap.add_argument("spec")
@@ -172,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(
         allow_destroy=False, adopt=False, restart_pending=False, max_rounds=3, lock_timeout=0.0
     )
+
+    fe = cmd("fence", "power a dead host off with its fence agent, or record that it is off")
+    fe.add_argument("host")
+    fe.add_argument("spec")
+    fe.add_argument(
+        "--confirm-off",
+        action="store_true",
+        help="record that you made sure HOST is powered off (no fence agent is run); its HA "
+        "domains may then restart elsewhere",
+    )
+    fe.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
 
     sh = cmd("show", "print the observed state of every resource as a table")
     sh.add_argument("spec")

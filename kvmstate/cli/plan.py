@@ -13,6 +13,7 @@ from rich.console import Console
 from kvmstate.cli import views, wiring
 from kvmstate.cli.exits import EXIT_CHANGES, EXIT_ERROR, EXIT_OK
 from kvmstate.cli.parser import typed
+from kvmstate.errors import KvmstateError
 from kvmstate.model import Plan
 from kvmstate.ui.console import to_json
 
@@ -24,6 +25,7 @@ class PlanArgs:
     json: bool
     allow_destroy: bool
     verbose: int
+    host_down: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,23 @@ def cmd_plan(ns: argparse.Namespace, out: Console, err: Console) -> int:
     args = typed(PlanArgs, ns)
     loaded = wiring.load(args.spec)
     graph = wiring.graph_of(loaded)
+    down = frozenset(args.host_down or ())
+    unknown = sorted(down - set(loaded.spec.hosts))
+    if unknown:
+        raise KvmstateError(
+            f"--host-down {', '.join(unknown)}: not a host of {args.spec} "
+            f"({', '.join(loaded.spec.hosts)})"
+        )
     if not args.json:
         views.problems(err, loaded.warnings)
 
     async def run() -> Plan:
         engine, transports = wiring.engine_for(
-            loaded, graph, allow_destroy=args.allow_destroy, assume_empty=args.assume_empty
+            loaded,
+            graph,
+            allow_destroy=args.allow_destroy,
+            assume_empty=args.assume_empty,
+            assume_down=down,
         )
         if args.assume_empty:
             return await engine.plan(assume_empty=True)
@@ -59,11 +72,16 @@ def cmd_plan(ns: argparse.Namespace, out: Console, err: Console) -> int:
             out,
             plan,
             title=f"kvmstate plan {args.spec}"
-            + (" (assuming nothing exists)" if args.assume_empty else ""),
+            + (" (assuming nothing exists)" if args.assume_empty else "")
+            + (
+                f" (what if {', '.join(sorted(down))} died now: nothing is changed)" if down else ""
+            ),
             verbose=args.verbose > 0,
         )
     if plan.errors:
         return EXIT_ERROR
+    if down:  # a what-if: its changes are an answer, not pending work
+        return EXIT_OK
     return EXIT_CHANGES if plan.has_changes else EXIT_OK
 
 

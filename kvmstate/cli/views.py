@@ -26,6 +26,7 @@ STATUS_STYLE = {
     Status.FAILED: ("✗", "red bold"),
     Status.BLOCKED: ("⊘", "red"),
     Status.SKIPPED: ("·", "yellow"),
+    Status.DOWN: ("↓", "yellow"),
 }
 
 
@@ -147,9 +148,15 @@ def report(console: Console, r: Report) -> None:
     failed = [o for o in r.outcomes if o.status in (Status.FAILED, Status.BLOCKED)]
     skipped = [o for o in r.outcomes if o.status is Status.SKIPPED]
     changed = [o for o in r.outcomes if o.status is Status.CHANGED]
+    down = [o for o in r.outcomes if o.status is Status.DOWN]
     for o in failed:
         mark, style = STATUS_STYLE[o.status]
         console.print(Hanging(Text(f"{mark} {o.id}: {o.error}", style=style), indent=2))
+    by_host: dict[str, list[str]] = {}
+    for o in down:
+        by_host.setdefault(o.error or "host down", []).append(str(o.id))
+    for why, ids in by_host.items():
+        console.print(Hanging(Text(f"↓ {why}: {', '.join(ids)}", style="yellow"), indent=2))
     if skipped:
         by_cause: dict[str, list[str]] = {}
         for o in skipped:
@@ -170,7 +177,8 @@ def report(console: Console, r: Report) -> None:
         console.print(
             Text(
                 f"Apply failed: {len(failed)} failed, {len(skipped)} skipped, "
-                f"{len(changed)} changed in {r.elapsed:.1f}s.",
+                + (f"{len(down)} on down hosts, " if down else "")
+                + f"{len(changed)} changed in {r.elapsed:.1f}s.",
                 style="red bold",
             )
         )

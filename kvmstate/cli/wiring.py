@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kvmstate.engine.graph import ResourceGraph
     from kvmstate.loader import LoadedSpec
     from kvmstate.model import Event, Plan
+    from kvmstate.resources.liveness import FenceLedger
     from kvmstate.transport.base import Libvirt, Shell, Transports
 
 
@@ -62,6 +63,7 @@ def engine_for(
     adopt: bool = False,
     restart_pending: bool = False,
     assume_empty: bool = False,
+    assume_down: frozenset[str] = frozenset(),
     max_rounds: int = 3,
 ) -> tuple[Engine, Transports]:
     """The engine and the transports it uses (no transport at all for --assume-empty)."""
@@ -75,9 +77,25 @@ def engine_for(
         from kvmstate.transport.real import RealTransports
 
         transports = RealTransports(loaded.spec)
-    options = Options(allow_destroy=allow_destroy, adopt=adopt, restart_pending=restart_pending)
+    options = Options(
+        allow_destroy=allow_destroy,
+        adopt=adopt,
+        restart_pending=restart_pending,
+        assume_down=assume_down,
+        fence_ledger=None if assume_empty else fence_ledger(loaded),
+    )
     ctx = RunContext(loaded.spec, transports, options, events)
     return Engine(graph, ctx, EngineConfig(max_rounds=max_rounds)), transports
+
+
+def fence_ledger(loaded: LoadedSpec) -> FenceLedger | None:
+    """The cluster's ledger of fenced hosts, on this machine (only a spec with HA has one)."""
+    if not any(d.ha is not None for d in loaded.spec.domains.values()):
+        return None
+    from kvmstate.ops.runlock import state_dir
+    from kvmstate.resources.liveness import FenceLedger, ledger_path
+
+    return FenceLedger(ledger_path(state_dir(), loaded.spec))
 
 
 def observe(loaded: LoadedSpec, graph: ResourceGraph) -> Plan:

@@ -163,7 +163,24 @@ class Engine:
 
     def _hosts_of(self, order: list[ResourceId], pred: Callable[[Node], bool]) -> list[str]:
         return sorted(
-            {h for rid in order if pred(self.graph[rid]) for h in self.graph[rid].hosts()}
+            {
+                h
+                for rid in order
+                if pred(self.graph[rid])
+                for h in self.graph[rid].hosts()
+                if not self.ctx.host_offline(h)
+            }
+        )
+
+    def _down(self, rid: ResourceId) -> str | None:
+        """Why the node is not contacted in this run: every host it is on is down (fenced,
+        or assumed down by a what-if plan). None when it is to be observed."""
+        hosts = self.graph[rid].hosts()
+        why = [self.ctx.host_offline(h) for h in hosts]
+        if not hosts or not all(why):
+            return None
+        return "; ".join(
+            dict.fromkeys(f"{h} is down ({w})" for h, w in zip(hosts, why, strict=True))
         )
 
     def _read_hosts(
@@ -176,7 +193,8 @@ class Engine:
         by_host: dict[str, list[Any]] = defaultdict(list)
         for rid in order:
             for host, fact in self.graph[rid].reads():
-                by_host[host].append(fact)
+                if not self.ctx.host_offline(host):
+                    by_host[host].append(fact)
 
         async def read(host: str, facts: list[Any]) -> None:
             self.ctx.emit(ObserveHost(host))
@@ -211,6 +229,11 @@ class Engine:
 
         async def observe(rid: ResourceId) -> Change | None:
             r = self.graph[rid]
+            down = self._down(rid)
+            if down is not None:
+                change = Change(rid, Action.NOOP, (), f"not observed: {down}")
+                self.ctx.emit(Observed(str(rid), change.action.value))
+                return change
             for h in sorted({*r.hosts(), *(h for h, _ in r.reads())}):
                 if h in reads:
                     await reads[h]
@@ -333,7 +356,7 @@ class Engine:
         return await walker.walk(
             walker.Dag(order, self.graph.edges()),
             visit,
-            succeeded=lambda o: o.status in (Status.OK, Status.CHANGED),
+            succeeded=lambda o: o.status in (Status.OK, Status.CHANGED, Status.DOWN),
             skip=skip,
             after=after,
             keys=keys,
@@ -352,6 +375,9 @@ class Engine:
         first_round: bool,
     ) -> Outcome:
         """The reconcile policy for one node whose dependencies all converged."""
+        down = self._down(rid)
+        if down is not None:  # its host was fenced in this run (or is assumed down)
+            return Outcome(rid, Status.DOWN, changes.get(rid), error=down)
         # Ordered after other changes of this apply (a migration waits for the domains that
         # leave its target first)?
         waits = changes.get(rid)

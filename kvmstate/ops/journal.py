@@ -62,3 +62,12 @@ def read(path: Path | None = None, limit: int = 50) -> list[dict[str, Any]]:
         return []
     out = [json.loads(line) for line in text.splitlines() if line.strip()]
     return out[-limit:]
+
+
+def note(entry: dict[str, Any], *, spec_path: str, path: Path | None = None) -> None:
+    """Append one event that is not a resource's outcome (a person confirming a host off)."""
+    target = path or journal_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "spec": spec_path, **entry}
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, default=str) + "\n")

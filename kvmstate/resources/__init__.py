@@ -10,6 +10,7 @@ from typing import Any
 from kvmstate.resources.base import Resource
 from kvmstate.resources.domain import DomainResource
 from kvmstate.resources.export import ExportResource
+from kvmstate.resources.fence import FenceResource
 from kvmstate.resources.mount import MountResource
 from kvmstate.resources.network import NetworkResource
 from kvmstate.resources.packages import PackagesResource
@@ -21,6 +22,7 @@ from kvmstate.resources.subvolume import SubvolumeResource
 from kvmstate.resources.volume import VolumeResource
 
 KINDS: tuple[type[Resource[Any]], ...] = (
+    FenceResource,
     PackagesResource,
     SubvolumeResource,
     ExportResource,
@@ -54,6 +56,7 @@ __all__ = [
     "REGISTRY",
     "DomainResource",
     "ExportResource",
+    "FenceResource",
     "MountResource",
     "PackagesResource",
     "PlacementResource",

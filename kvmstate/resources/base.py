@@ -16,7 +16,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -26,6 +26,7 @@ from kvmstate.facts import Fact, FactCache
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Event, FieldDiff, Payload
 from kvmstate.resources.imports import Existing, Imported, Inventory
+from kvmstate.resources.liveness import FenceLedger, Liveness
 from kvmstate.resources.prereq import Missing, Requirement, probe_fact
 from kvmstate.spec import Spec
 from kvmstate.transport.base import Libvirt, Shell, Transports
@@ -52,6 +53,10 @@ class Options:
     # restart running guests whose config changes wait for a restart (graceful shutdown,
     # then start): `apply --restart-pending`
     restart_pending: bool = False
+    # `plan --host-down HOST`: treat these hosts as down, without contacting them (what-if)
+    assume_down: frozenset[str] = frozenset()
+    # the fenced hosts of this cluster (``liveness.FenceLedger``); None: in memory only
+    fence_ledger: FenceLedger | None = field(default=None, compare=False)
 
 
 class RunContext:
@@ -75,6 +80,13 @@ class RunContext:
         self._scratch: dict[str, Any] = {}
         self._memo: dict[tuple[str, Hashable], asyncio.Future[Any]] = {}
         self.memo_enabled = False
+        self.liveness = Liveness(
+            spec, transports, self.options.fence_ledger, self.options.assume_down
+        )
+
+    def host_offline(self, host: str) -> str | None:
+        """Why ``host`` is not contacted in this run (down: fenced now, or a what-if)."""
+        return self.liveness.offline(host)
 
     def shell(self, host: str) -> Shell:
         return self.transports.shell(host)
@@ -242,6 +254,8 @@ class Resource(ABC, Generic[ObsT]):
         batched probe; a failing probe is left to observe, which meets the host again)."""
         out = []
         for h, mine, probe in self._probes():
+            if ctx.host_offline(h):
+                continue  # a down host is not contacted
             try:
                 lacking = await ctx.facts(h).get(probe)
             except Exception as exc:  # noqa: BLE001 - the host's own reads report it

@@ -30,14 +30,18 @@ from typing import Any
 
 from kvmstate import spec as spec_models
 from kvmstate import virt, virtxml
+from kvmstate.checks import Finding
 from kvmstate.errors import KvmstateError, RefusedError
 from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, DriftClass, FieldDiff, Message, Shown
 from kvmstate.resources import cpu, prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
+from kvmstate.resources.capacity import reserved_memory, target_memory
 from kvmstate.resources.common import diff
+from kvmstate.resources.ha import Restart, restarts
 from kvmstate.resources.imports import DomainInfo, Existing, Imported, Inventory
 from kvmstate.resources.seed import SEED_SUFFIX, seed_path, seed_pool
+from kvmstate.resources.whereabouts import Whereabouts, domain_hosts, locate
 from kvmstate.spec import Domain, Spec, is_valid_name
 from kvmstate.units import format_duration, format_size
 from kvmstate.virtxml import DomainConfig, build_domain_xml, desired_config
@@ -57,6 +61,16 @@ class DomainObs:
     restart_pending: bool = False  # the run may restart it (apply --restart-pending)
     addresses: tuple[str, ...] = ()  # leased by its networks' DHCP (running, on a network)
     reason: str = ""  # why it is paused ("migration", "ioerror", "user", "postcopy-failed"...)
+    # hosts that did not answer and may hold a copy (not fenced): nothing is started then
+    unsure: str = ""
+
+
+@dataclass(frozen=True)
+class Away:
+    """Defined on no host that answered, while some could not tell (down or unreachable)."""
+
+    where: Whereabouts
+    restart: Restart | None  # an HA restart elsewhere (None: the domain has no ha: policy)
 
 
 @dataclass(frozen=True)
@@ -64,31 +78,6 @@ class GuestAddresses(Shown):
     """A running guest's addresses, leased by its networks' DHCP (`show --json`: observed)."""
 
     addresses: tuple[str, ...]
-
-
-def domain_hosts(spec: Spec, name: str) -> list[str]:
-    d = spec.domains[name]
-    hosts = list(d.allowed_hosts())
-    for disk in d.disks:
-        vol = spec.volumes.get(disk.volume)
-        if vol is not None:
-            hosts += spec.pools[vol.pool].hosts
-    return list(dict.fromkeys(hosts))
-
-
-async def locate(ctx: RunContext, name: str, hosts: Iterable[str]) -> dict[str, virt.DomainState]:
-    """Where the domain is defined: {host: state}. Every host must answer."""
-    hosts = list(hosts)
-
-    async def one(h: str) -> virt.DomainState | None:
-        async def read() -> virt.DomainState | None:
-            lv = ctx.libvirt(h)
-            return await lv.run(virt.observe_domain, await lv.connect(), name)
-
-        return await ctx.memo(h, ("domain", name), read)
-
-    found = await asyncio.gather(*(one(h) for h in hosts))
-    return {h: st for h, st in zip(hosts, found, strict=True) if st is not None}
 
 
 def disk_sources(spec: Spec, d: Domain) -> list[tuple[str, str]]:
@@ -157,7 +146,7 @@ def _plain(v: object) -> object:
     return v
 
 
-class DomainResource(Resource[DomainObs]):
+class DomainResource(Resource[DomainObs | Away]):
     kind = "domain"
     section = "domains"
     section_model = spec_models.Domain
@@ -189,6 +178,11 @@ class DomainResource(Resource[DomainObs]):
             "allowed hosts.",
         ),
         DocSection(
+            "domains.NAME.ha",
+            spec_models.HaPolicy,
+            "High availability: restart elsewhere when the host is dead and fenced.",
+        ),
+        DocSection(
             "domains.NAME.serial",
             spec_models.Serial,
             "The serial console (`pty` or `file`).",
@@ -200,6 +194,45 @@ class DomainResource(Resource[DomainObs]):
     @classmethod
     def import_into(cls, invs: Sequence[Inventory], out: Imported, existing: Existing) -> None:
         import_domains(invs, out, existing)
+
+    @classmethod
+    def check(cls, spec: Any) -> Iterable[Finding]:
+        for name, d in spec.domains.items():
+            if d.ha is None:
+                continue
+            where = ("domains", name, "ha")
+            mode = d.placement.policy if d.placement else "pinned"
+            if mode == "pinned":
+                yield (
+                    where,
+                    f"domain {name} is pinned to {d.host}: an HA restart would run it "
+                    "elsewhere; use placement.policy preferred (back home when it returns) or "
+                    "floating",
+                    "error",
+                )
+            allowed = set(d.allowed_hosts())
+            for i, h in enumerate(d.ha.hosts or []):
+                if h not in allowed:
+                    yield (
+                        (*where, "hosts", i),
+                        f"{h} is not one of the domain's allowed hosts "
+                        f"({', '.join(d.allowed_hosts())})",
+                        "error",
+                    )
+            if not any(h != d.host for h in d.ha_hosts()):
+                yield (where, f"domain {name}: no HA host other than {d.host}", "error")
+            shared = all(
+                len(spec.pools[spec.volumes[k.volume].pool].hosts) > 1
+                for k in d.disks
+                if k.volume in spec.volumes and spec.volumes[k.volume].pool in spec.pools
+            )
+            if not shared:
+                yield (
+                    where,
+                    f"domain {name}: a disk is in a pool on one host only; an HA restart "
+                    "needs its disks on shared storage",
+                    "warning",
+                )
 
     def __init__(self, spec: Spec, name: str, host: str | None = None) -> None:
         super().__init__(spec, name, None)
@@ -242,9 +275,10 @@ class DomainResource(Resource[DomainObs]):
             deps.add(ResourceId("seed", self.name, self.spec.pools[pool].hosts[0]))
         return frozenset(deps)
 
-    async def observe(self, ctx: RunContext) -> DomainObs | None:
+    async def observe(self, ctx: RunContext) -> DomainObs | Away | None:
         await self._resolve_cpu(ctx)
-        found = await locate(ctx, self.name, self.hosts())
+        where = await locate(ctx, self.name, self.hosts())
+        found = where.found
         if len(found) > 1:
             raise KvmstateError(
                 f"domain {self.name} is defined on {len(found)} hosts "
@@ -252,7 +286,10 @@ class DomainResource(Resource[DomainObs]):
                 "undefine all but one by hand: kvmstate starts nothing until then"
             )
         if not found:
-            return None
+            if not where.unavailable:
+                return None
+            plan = await restarts(ctx) if self.d.ha is not None else {}
+            return Away(where, plan.get(self.name))
         h, st = next(iter(found.items()))
         addresses: tuple[str, ...] = ()
         if st.state == "running" and any(i.network for i in self.d.interfaces):
@@ -268,6 +305,7 @@ class DomainResource(Resource[DomainObs]):
             ctx.options.restart_pending,
             addresses,
             st.reason,
+            where.unsure(),
         )
 
     def restart_fields(self, live: DomainConfig) -> list[FieldDiff]:
@@ -293,8 +331,50 @@ class DomainResource(Resource[DomainObs]):
         how = f"graceful shutdown (up to {format_duration(self.d.shutdown_timeout)}), then start"
         return diff("restart", None, how, "runtime")
 
-    def diff(self, observed: DomainObs | None) -> Change:
+    def _away(self, o: Away) -> Change:
+        """Defined on no host that answered: a host that could not tell may have it."""
         d = self.d
+        lost = "; ".join(
+            s.describe() for s in (*o.where.unreachable.values(), *o.where.down.values())
+        )
+        if self.absent or d.state != "running":
+            return self.noop(f"domain {self.name} not found on the hosts that answer ({lost})")
+        r = o.restart
+        if r is None:
+            if o.where.unreachable:
+                why = (
+                    f"domain {self.name} may be running on a host that does not answer "
+                    f"({lost}): it is not started anywhere else"
+                )
+            else:
+                why = f"domain {self.name} was on a host that is down ({lost})"
+            return self.change(Action.CREATE, [diff("defined", None, d.host)], why).with_blocked(
+                f"{why}; it has no ha: policy, so it waits for its host to return"
+            )
+        ch = self.change(
+            Action.CREATE,
+            [
+                diff("defined", None, r.target),
+                diff("state", None, d.state, "runtime"),
+                diff("ha", None, f"restart from {', '.join(sorted(o.where.unavailable))}"),
+            ],
+            r.why
+            + (
+                f"; waiting for fencing: this apply fences {', '.join(r.fence_first)} first "
+                "(its fence agent powers it off and must report it off)"
+                if r.fence_first and not r.blocked
+                else ""
+            ),
+            data=r,
+        )
+        if r.target is None or r.blocked:
+            return ch.with_blocked(f"waiting for fencing: {r.blocked}" if r.target else r.blocked)
+        return ch
+
+    def diff(self, observed: DomainObs | Away | None) -> Change:
+        d = self.d
+        if isinstance(observed, Away):
+            return self._away(observed)
         if self.absent:
             if observed is None:
                 return self.noop(f"domain {self.name} is not defined")
@@ -321,8 +401,8 @@ class DomainResource(Resource[DomainObs]):
         diffs = config_diffs(self.want, o.config, d, "config")
         if not o.config.managed:
             diffs.append(diff("managed", False, True))
-        if o.autostart != d.autostart:
-            diffs.append(diff("autostart", o.autostart, d.autostart))
+        if o.autostart != d.libvirt_autostart:
+            diffs.append(diff("autostart", o.autostart, d.libvirt_autostart))
         may_restart = d.restart == "on-change" or o.restart_pending
         if (o.state == "running") != (d.state == "running"):
             now = f"paused ({o.reason})" if o.state == "paused" and o.reason else o.state
@@ -362,11 +442,20 @@ class DomainResource(Resource[DomainObs]):
                 f"domain {self.name} on {o.host} exists but was not created by kvmstate "
                 "(no ownership marker); pass --adopt to manage it"
             )
+        if o.unsure and d.state == "running" and o.state != "running":
+            return ch.with_blocked(
+                f"domain {self.name} is {o.state} on {o.host}, and {o.unsure}: a copy may run "
+                "there; not started until that host answers or is fenced"
+            )
         return ch
 
     async def apply(
-        self, change: Change, observed: DomainObs | None, ctx: RunContext
-    ) -> DomainObs | None:
+        self, change: Change, observed: DomainObs | Away | None, ctx: RunContext
+    ) -> DomainObs | Away | None:
+        if isinstance(observed, Away):
+            assert observed.restart is not None and observed.restart.target is not None
+            await self._restart_elsewhere(ctx, observed, observed.restart.target)
+            return await self.observe(ctx)
         cur = observed
         host = cur.host if cur else self.d.host
         lv = ctx.libvirt(host)
@@ -380,9 +469,9 @@ class DomainResource(Resource[DomainObs]):
         if cur is None or fixes or not cur.config.managed:
             self.log.info("%s: defining domain %s", host, self.name)
             await lv.run(virt.define_domain, conn, build_domain_xml(self.name, self.want))
-        if cur is None or cur.autostart != self.d.autostart:
-            self.log.info("%s: domain %s autostart=%s", host, self.name, self.d.autostart)
-            await lv.run(virt.set_domain_autostart, conn, self.name, self.d.autostart)
+        if cur is None or cur.autostart != self.d.libvirt_autostart:
+            self.log.info("%s: domain %s autostart=%s", host, self.name, self.d.libvirt_autostart)
+            await lv.run(virt.set_domain_autostart, conn, self.name, self.d.libvirt_autostart)
         running = cur is not None and cur.state == "running"
         may_restart = self.d.restart == "on-change" or ctx.options.restart_pending
         if self.d.state == "running" and cur is not None and cur.state == "paused":
@@ -404,6 +493,32 @@ class DomainResource(Resource[DomainObs]):
             else:
                 await self._live_resize(ctx, host, cur.live)
         return await self.observe(ctx)
+
+    async def _restart_elsewhere(self, ctx: RunContext, away: Away, dst: str) -> None:
+        """Start an HA domain on ``dst`` from its disk on shared storage, after every host
+        that may have held it was found down (fenced): checked again now, with ``dst``'s
+        memory read again under its lock and held for the rest of the run."""
+        if away.where.unreachable:  # the engine's re-check: fencing did not happen
+            raise RefusedError(f"domain {self.name}: {away.where.unsure()}; not restarted on {dst}")
+        async with ctx.lock(f"memory:{dst}"):
+            ctx.invalidate(dst)
+            mem = await target_memory(ctx, dst, self.name)
+            if not mem.fits(self.d.memory):
+                raise RefusedError(
+                    f"HA restart of {self.name} on {dst} refused: "
+                    f"{mem.describe(dst, self.d.memory)}"
+                )
+            reserved_memory(ctx).setdefault(dst, {})[self.name] = self.d.memory
+        lv = ctx.libvirt(dst)
+        conn = await lv.connect()
+        down = ", ".join(f"{s.describe()}" for s in away.where.down.values())
+        self.log.warning("%s: HA restart of domain %s (%s)", dst, self.name, down)
+        await lv.run(virt.define_domain, conn, build_domain_xml(self.name, self.want))
+        await lv.run(virt.set_domain_autostart, conn, self.name, self.d.libvirt_autostart)
+        await lv.run(virt.start_domain, conn, self.name)
+        for h in away.where.down:
+            ctx.liveness.ledger.note_restart(h, self.name, dst)
+        ctx.emit(Message(f"domain {self.name}: restarted on {dst} ({down})"))
 
     async def _resume(self, ctx: RunContext, host: str, cur: DomainObs) -> None:
         """A domain paused on its one host (found nowhere else: ``observe`` refuses two copies)

@@ -108,6 +108,58 @@ class MigrationLimits(Model):
     incoming: Int = Field(default=2, ge=1, le=16)
 
 
+def _check_argv_item(value: str) -> str:
+    if not value or "\x00" in value or "\n" in value:
+        raise ValueError("an argv item must be non-empty, on one line, without NUL")
+    return value
+
+
+def _argv_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError('quote it: YAML reads off/on/yes/no/true/false as booleans; write "off"')
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+Argv = Annotated[
+    list[Annotated[str, BeforeValidator(_argv_text), AfterValidator(_check_argv_item)]],
+    Field(min_length=1),
+]
+
+
+class Fence(Model):
+    """How the control machine powers a dead host off and confirms it is off (fencing), so
+    that its HA domains can be started elsewhere without a second copy. The commands run on
+    the machine running kvmstate, never on the host; only their program name is shown
+    (arguments may hold credentials: they never reach plan output, logs, the journal or
+    ``--json``)."""
+
+    power_off: Argv = Field(
+        repr=False,
+        description="argv that powers the host off, e.g. [fence_ipmilan, --ip=..., "
+        "--username=..., --password-script=..., --action=off]",
+    )
+    status: Argv = Field(
+        repr=False,
+        description="argv that reports the power state: exit status 2 (fence-agents' "
+        "convention) or a word 'off' in its output means off; exit 0 with 'on' means on",
+    )
+    grace: Annotated[Duration, Field(ge=0)] = Field(
+        default=30.0,
+        description="how long the host must stay unreachable (SSH and libvirt) before apply "
+        "fences it",
+    )
+    timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default=60.0, description="how long the agent may take to power off and confirm it"
+    )
+
+    @property
+    def program(self) -> str:
+        """What output may name: the agent's program, never its arguments."""
+        return self.power_off[0].rsplit("/", 1)[-1]
+
+
 class Host(Model):
     address: Address
     ssh: SSHOverrides | None = None
@@ -122,6 +174,11 @@ class Host(Model):
         default=None,
         description="the most memory the running domains on this host may have together; "
         "migrations onto the host are ordered (or refused) so that it is never exceeded",
+    )
+    fence: Fence | None = Field(
+        default=None,
+        description="the fence agent that powers this host off when it is dead (HA): "
+        "without one, a person confirms it with `kvmstate fence HOST --confirm-off`",
     )
 
 
@@ -538,6 +595,24 @@ class MigrationPolicy(Model):
         return MigrationPolicy.model_validate(data)
 
 
+def _ha_shorthand(value: Any) -> Any:
+    return {} if value is True else value
+
+
+class HaPolicy(Model):
+    """Restart the domain on another host when its host is dead and fenced (powered off by
+    its fence agent, or confirmed off by a person). Never on a timeout alone."""
+
+    priority: Int = Field(
+        default=0, description="restart order when several domains need a host: higher first"
+    )
+    hosts: list[Name] | None = Field(
+        default=None,
+        description="where it may be restarted, in order of preference (default: the "
+        "domain's allowed hosts, `host` first)",
+    )
+
+
 class Placement(Model):
     hosts: list[Name] = Field(min_length=1, description="hosts the domain may run on")
     policy: Literal["pinned", "preferred", "floating"] = Field(
@@ -705,6 +780,13 @@ class Domain(Model):
     host: Name = Field(description="placement: the host the domain runs on")
     placement: Placement | None = None
     migration: MigrationPolicy | None = None
+    ha: Annotated[HaPolicy | None, BeforeValidator(_ha_shorthand)] = Field(
+        default=None,
+        description="high availability: restarted on another allowed host when its host is "
+        "dead and fenced (`ha: true` or {priority, hosts}); libvirt's autostart is then kept "
+        "off on every host (kvmstate starts it), so a host coming back never starts a stale "
+        "copy",
+    )
     force_destroy: bool = False
     cloud_init: CloudInit | None = Field(
         default=None, description="the guest's first-boot identity (a NoCloud seed CD-ROM)"
@@ -745,6 +827,18 @@ class Domain(Model):
         if self.placement is None:
             return [self.host]
         return list(dict.fromkeys([self.host, *self.placement.hosts]))
+
+    def ha_hosts(self) -> list[str]:
+        """Where an HA restart may go, in order (empty without ``ha:``)."""
+        if self.ha is None:
+            return []
+        return list(self.ha.hosts) if self.ha.hosts is not None else self.allowed_hosts()
+
+    @property
+    def libvirt_autostart(self) -> bool:
+        """The autostart flag kvmstate keeps in libvirt: off for an HA domain, which
+        kvmstate starts (a host that comes back after fencing must not start a stale copy)."""
+        return self.autostart and self.ha is None
 
 
 # --- the whole spec ----------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def test_expand_and_dependencies(spec: Spec) -> None:
         "placement:guest": ["domain:guest", "pool:kvm-1:images"],
     }
     assert [k.kind for k in KINDS] == [
+        "fence",
         "packages",
         "subvolume",
         "export",

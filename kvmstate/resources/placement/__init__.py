@@ -7,11 +7,8 @@ apply), ``schedule`` orders the migrations of one apply within the hosts' memory
 ``migrate`` drives one live migration.
 """
 
-from kvmstate.resources.placement.resource import (
-    PlacementObs,
-    PlacementResource,
-    reserved_memory,
-)
+from kvmstate.resources.capacity import reserved_memory
+from kvmstate.resources.placement.resource import PlacementObs, PlacementResource
 from kvmstate.resources.placement.schedule import Move, TargetMemory, arrange_migrations
 
 __all__ = [

@@ -24,10 +24,11 @@ from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Check
 from kvmstate.resources import cpu
 from kvmstate.resources.base import DocSection, Resource, RunContext
+from kvmstate.resources.capacity import reserved_memory, target_memory
 from kvmstate.resources.common import diff
-from kvmstate.resources.domain import domain_hosts, locate
 from kvmstate.resources.placement.migrate import LiveMigration, describe_policy
 from kvmstate.resources.placement.schedule import Move, TargetMemory, arrange_migrations
+from kvmstate.resources.whereabouts import domain_hosts, locate
 from kvmstate.spec import Domain, MigrationPolicy, Spec
 
 T = TypeVar("T")
@@ -40,12 +41,7 @@ class PlacementObs:
     target: str
     checks: tuple[Check, ...] = ()
     memory: TargetMemory | None = None
-
-
-def reserved_memory(ctx: RunContext) -> dict[str, dict[str, int]]:
-    """Memory held on a host by migrations in flight onto it, {host: {domain: bytes}}: the
-    placement kind's scratch state for one run."""
-    return ctx.scratch("placement", dict)
+    away: str = ""  # why it stays where it is: the host it should be on does not answer
 
 
 class PlacementResource(Resource[PlacementObs]):
@@ -92,8 +88,15 @@ class PlacementResource(Resource[PlacementObs]):
                 deps.add(ResourceId("pool", pool, self.d.host))
         return frozenset(deps)
 
-    def target_for(self, current: str) -> str:
-        allowed = [h for h in self.d.allowed_hosts() if not self.spec.hosts[h].drain]
+    def target_for(self, current: str, unavailable: Iterable[str] = ()) -> str:
+        """Where the domain should run, now on ``current``; hosts that do not answer (or
+        are down) are no target: the domain stays until they are back."""
+        gone = set(unavailable)
+        allowed = [
+            h for h in self.d.allowed_hosts() if not self.spec.hosts[h].drain and h not in gone
+        ]
+        if not allowed:
+            return current
         mode = self.d.placement.policy if self.d.placement else "pinned"
         if mode == "floating" and current in allowed:
             return current
@@ -110,13 +113,24 @@ class PlacementResource(Resource[PlacementObs]):
     async def observe(
         self, ctx: RunContext, *, preflight: bool = True, target_facts: bool = True
     ) -> PlacementObs | None:
-        found = await locate(ctx, self.name, self.hosts())
+        where = await locate(ctx, self.name, self.hosts())
+        found = where.found
         if len(found) > 1:
             raise KvmstateError(f"domain {self.name} is defined on {', '.join(sorted(found))}")
         if not found:
             return None
         host, st = next(iter(found.items()))
-        target = self.target_for(host)
+        target = self.target_for(host, where.unavailable)
+        natural = self.target_for(host)
+        if natural != host and natural in where.unavailable:
+            gone = "; ".join(
+                s.describe() for s in (*where.down.values(), *where.unreachable.values())
+            )
+            mode = self.d.placement.policy if self.d.placement else "pinned"
+            if mode == "pinned":  # it must go there: a move that cannot be made now
+                failed = Check("target libvirtd", False, gone)
+                return PlacementObs(host, st.state, natural, (failed,))
+            return PlacementObs(host, st.state, target, away=gone)
         checks: tuple[Check, ...] = ()
         mem = None
         if target != host and preflight:
@@ -125,22 +139,6 @@ class PlacementResource(Resource[PlacementObs]):
             )
             checks = tuple(found_checks)
         return PlacementObs(host, st.state, target, checks, mem)
-
-    async def _target_memory(self, ctx: RunContext, dst: str) -> TargetMemory:
-        held = {n: b for n, b in reserved_memory(ctx).get(dst, {}).items() if n != self.name}
-        free = await ctx.facts(dst).get(hostfacts.MEM_AVAILABLE)
-        cap = self.spec.hosts[dst].max_guest_memory
-        committed = 0
-        if cap is not None:
-            lv = ctx.libvirt(dst)
-
-            async def read() -> dict[str, int]:
-                return await lv.run(virt.running_memory, await lv.connect())
-
-            running = await ctx.memo(dst, ("running-memory",), read)
-            committed = sum(b for n, b in running.items() if n not in held and n != self.name)
-        reserved = sum(held.values())
-        return TargetMemory(free - reserved, committed + reserved, cap)
 
     async def _preflight(
         self, ctx: RunContext, src: str, dst: str, running: bool, target_facts: bool
@@ -242,7 +240,7 @@ class PlacementResource(Resource[PlacementObs]):
         if wanted:
             await facts.prefetch(wanted)
         if running:
-            mem = await self._target_memory(ctx, dst)
+            mem = await target_memory(ctx, dst, self.name)
             out.append(Check("memory", mem.fits(self.d.memory), mem.describe(dst, self.d.memory)))
         if bridges:
             have = await facts.get(hostfacts.BRIDGES)
@@ -261,6 +259,8 @@ class PlacementResource(Resource[PlacementObs]):
             return self.noop(f"domain {self.name} not defined yet (created on {self.d.host})")
         o = observed
         if o.target == o.host:
+            if o.away:
+                return self.noop(f"domain {self.name} {o.state} on {o.host}, stays: {o.away}")
             return self.noop(f"domain {self.name} {o.state} on {o.host}")
         failed = [c for c in o.checks if not c.ok]
         live = o.state == "running" and self.policy.live is not False
@@ -345,9 +345,9 @@ class PlacementResource(Resource[PlacementObs]):
             self.log.warning("undefine on %s failed; removing the copy on %s", src, dst)
             await dlv.run(virt.undefine_domain, dconn, self.name)
             raise
-        await dlv.run(virt.set_domain_autostart, dconn, self.name, self.d.autostart)
+        await dlv.run(virt.set_domain_autostart, dconn, self.name, self.d.libvirt_autostart)
 
     async def _migrate_live(self, ctx: RunContext, src: str, dst: str) -> None:
-        migration = LiveMigration(self.name, self.policy, self.d.autostart, self.log)
+        migration = LiveMigration(self.name, self.policy, self.d.libvirt_autostart, self.log)
         migration.poll_interval = self.poll_interval
         await migration.run(ctx, src, dst)

@@ -7,29 +7,9 @@ from dataclasses import dataclass, replace
 
 from kvmstate.ids import ResourceId
 from kvmstate.model import Change, Check, Payload
+from kvmstate.resources.capacity import MiB, TargetMemory
 
-MiB = 2**20
-
-
-@dataclass(frozen=True)
-class TargetMemory:
-    """Memory on a migration's target, net of what migrations in flight onto it hold."""
-
-    available: int  # MemAvailable minus in-flight reservations
-    committed: int  # memory of the domains running there, in-flight reservations included
-    cap: int | None  # the host's max_guest_memory
-
-    def fits(self, need: int) -> bool:
-        return need <= self.available and (self.cap is None or self.committed + need <= self.cap)
-
-    def describe(self, host: str, need: int) -> str:
-        text = f"{self.available // MiB} MiB available on {host}"
-        if self.cap is not None:
-            text += (
-                f", guests there use {self.committed // MiB} of {self.cap // MiB} MiB "
-                "(max_guest_memory)"
-            )
-        return f"{text}, guest needs {need // MiB} MiB"
+__all__ = ["MiB", "Move", "TargetMemory", "arrange_migrations"]
 
 
 @dataclass(frozen=True)
