@@ -3,7 +3,6 @@ every problem as ``file:line: field.path: message``."""
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -164,6 +163,8 @@ def _message(err: Any, spec_model: type[BaseModel] = Spec) -> str:
         model = _model_at(loc[:-1], spec_model)
         name = str(loc[-1])
         if model is not None:
+            import difflib  # a spec error's "did you mean": not on a valid spec's path
+
             allowed = list(model.model_fields)
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

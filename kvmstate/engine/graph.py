@@ -1,22 +1,112 @@
-"""The dependency graph of resources: a networkx DiGraph, edges dependency -> dependent.
+"""The dependency graph of resources: a directed graph, edges dependency -> dependent.
 
 Built by three small transforms: expand every kind's resources from the spec, connect each
 resource to what it ``depends_on``, then add the edges a kind draws over the whole graph
 (``Resource.edges``: a host's packages under everything on that host). A dependency that is
 itself ``state: absent`` is reversed (the dependent goes first when both are being removed).
 Cycles and missing nodes are errors.
+
+The graph is :class:`Digraph`, the few operations of ``networkx.DiGraph`` the engine uses
+(same iteration orders), not networkx itself: importing networkx costs a ``kvmstate plan``
+~60-90 ms of start-up (bench B1b), more than the whole graph work. networkx is imported only to
+name a cycle, on that error path (the message stays networkx's choice of cycle). A
+``ResourceGraph`` also accepts a ``networkx.DiGraph`` (tests build one by hand).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import heapq
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any
-
-import networkx as nx
 
 from kvmstate.engine.contract import Node, NodeKind
 from kvmstate.errors import Problem, SpecError, line_of
 from kvmstate.ids import ResourceId
+
+
+class Digraph:
+    """A directed graph with the part of ``networkx.DiGraph``'s interface kvmstate uses: nodes
+    and edges keep their insertion order (as networkx's do), adding an edge adds its nodes,
+    adding an edge twice keeps the first."""
+
+    __slots__ = ("_pred", "_succ")
+
+    def __init__(self) -> None:
+        self._succ: dict[Hashable, dict[Hashable, None]] = {}
+        self._pred: dict[Hashable, dict[Hashable, None]] = {}
+
+    def add_node(self, n: Hashable) -> None:
+        if n not in self._succ:
+            self._succ[n] = {}
+            self._pred[n] = {}
+
+    def add_nodes_from(self, nodes: Iterable[Hashable]) -> None:
+        for n in nodes:
+            self.add_node(n)
+
+    def add_edge(self, u: Hashable, v: Hashable) -> None:
+        self.add_node(u)
+        self.add_node(v)
+        self._succ[u][v] = None
+        self._pred[v][u] = None
+
+    def has_edge(self, u: Hashable, v: Hashable) -> bool:
+        return v in self._succ.get(u, ())
+
+    def predecessors(self, n: Hashable) -> Iterator[Hashable]:
+        return iter(self._pred[n])
+
+    def successors(self, n: Hashable) -> Iterator[Hashable]:
+        return iter(self._succ[n])
+
+    @property
+    def nodes(self) -> list[Hashable]:
+        return list(self._succ)
+
+    @property
+    def edges(self) -> list[tuple[Hashable, Hashable]]:
+        return [(u, v) for u, vs in self._succ.items() for v in vs]
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._succ)
+
+    def __contains__(self, n: object) -> bool:
+        return n in self._succ
+
+    def __len__(self) -> int:
+        return len(self._succ)
+
+
+def topological_order(g: Any, key: Any) -> list[Any]:
+    """``networkx.lexicographical_topological_sort(g, key=key)``, on ``g``'s nodes, successors
+    and predecessors only: ties by ``key``, then by node order. ``ValueError`` on a cycle."""
+    nodeid = {n: i for i, n in enumerate(g)}
+    indegree = {n: len(list(g.predecessors(n))) for n in nodeid}
+    ready = [(key(n), nodeid[n], n) for n, d in indegree.items() if d == 0]
+    heapq.heapify(ready)
+    out: list[Any] = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        out.append(n)
+        for child in g.successors(n):
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                heapq.heappush(ready, (key(child), nodeid[child], child))
+    if len(out) != len(nodeid):
+        raise ValueError("the graph contains a cycle")
+    return out
+
+
+def _find_cycle(g: Any) -> list[tuple[Any, Any]]:
+    """A cycle of ``g`` as its edges, exactly as ``networkx.find_cycle`` names it (networkx is
+    imported here only: this runs on a spec error)."""
+    import networkx as nx
+
+    h = nx.DiGraph()
+    h.add_nodes_from(g)
+    h.add_edges_from(g.edges)
+    cycle: list[tuple[Any, Any]] = nx.find_cycle(h)
+    return cycle
 
 
 class ResourceGraph:
@@ -33,7 +123,7 @@ class ResourceGraph:
     def order(self) -> list[ResourceId]:
         """A stable topological order (dependencies first, ties by kind order then id)."""
         rank = {rid: i for i, rid in enumerate(self.resources)}
-        return list(nx.lexicographical_topological_sort(self.g, key=lambda rid: rank[rid]))
+        return topological_order(self.g, key=lambda rid: rank[rid])
 
     def dependencies(self, rid: ResourceId) -> list[ResourceId]:
         return list(self.g.predecessors(rid))
@@ -42,7 +132,15 @@ class ResourceGraph:
         return list(self.g.successors(rid))
 
     def descendants(self, rid: ResourceId) -> set[ResourceId]:
-        return set(nx.descendants(self.g, rid))
+        seen: set[ResourceId] = set()
+        todo = [rid]
+        while todo:
+            for child in self.g.successors(todo.pop()):
+                if child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+        seen.discard(rid)  # networkx: a node is not its own descendant, even on a cycle
+        return seen
 
     def edges(self) -> Iterator[tuple[ResourceId, ResourceId]]:
         yield from self.g.edges
@@ -95,7 +193,7 @@ def build_graph(
             if r.id in resources:
                 problems.append(_problem(path, r, f"duplicate resource {r.id}"))
             resources[r.id] = r
-    g = nx.DiGraph()
+    g = Digraph()
     g.add_nodes_from(resources)
     for rid, r in resources.items():
         for dep in r.depends_on():
@@ -119,9 +217,10 @@ def build_graph(
             g.add_edge(dep, rid)
     if not problems:
         try:
-            cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
+            topological_order(g, key=lambda _: 0)
             cycle = None
+        except ValueError:
+            cycle = _find_cycle(g)
         if cycle:
             chain = " -> ".join(str(u) for u, _ in cycle) + f" -> {cycle[0][0]}"
             problems.append(_problem(path, resources[cycle[0][0]], f"dependency cycle: {chain}"))
