@@ -38,7 +38,7 @@ from kvmstate.resources import cpu, prereq
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.capacity import reserved_memory, target_memory
 from kvmstate.resources.common import diff
-from kvmstate.resources.ha import Restart, restarts
+from kvmstate.resources.ha import Readiness, Restart, readiness, restarts
 from kvmstate.resources.imports import DomainInfo, Existing, Imported, Inventory
 from kvmstate.resources.seed import SEED_SUFFIX, seed_path, seed_pool
 from kvmstate.resources.whereabouts import Whereabouts, domain_hosts, locate
@@ -63,6 +63,7 @@ class DomainObs:
     reason: str = ""  # why it is paused ("migration", "ioerror", "user", "postcopy-failed"...)
     # hosts that did not answer and may hold a copy (not fenced): nothing is started then
     unsure: str = ""
+    ha: Readiness | None = None  # an HA domain's fencing and storage locks
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,7 @@ class DomainResource(Resource[DomainObs | Away]):
             addresses,
             st.reason,
             where.unsure(),
+            await readiness(ctx, self.name) if self.d.ha is not None and not self.absent else None,
         )
 
     def restart_fields(self, live: DomainConfig) -> list[FieldDiff]:
@@ -435,7 +437,11 @@ class DomainResource(Resource[DomainObs | Away]):
         if not diffs:
             where = f", addresses {', '.join(o.addresses)}" if o.addresses else ""
             shown = GuestAddresses(o.addresses) if o.addresses else None
-            return self.noop(f"domain {self.name} {o.state} on {o.host}{where}", data=shown)
+            text = f"domain {self.name} {o.state} on {o.host}{where}"
+            if o.ha is not None:  # shown beside the policy in every plan (a "!" line)
+                said = f"{o.ha.problem}. {o.ha.summary}" if o.ha.problem else o.ha.summary
+                return self.noop(f"{text}; {said}", [diff("ha", None, o.ha.summary)], shown)
+            return self.noop(text, data=shown)
         ch = self.change(Action.UPDATE, diffs, f"domain {self.name} on {o.host}")
         if not o.config.managed and not o.adopt:
             return ch.with_blocked(

@@ -106,3 +106,63 @@ def replan(ctx: RunContext) -> None:
     """Forget the planned restarts (a host was fenced or answered again: plan them anew)."""
     state: dict[str, asyncio.Future[dict[str, Restart]]] = ctx.scratch("ha", dict)
     state.pop("plan", None)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What an HA domain's restart would rest on, shown beside its policy in every plan."""
+
+    summary: str
+    problem: str | None = None  # a second copy would be stopped by nothing but a person
+
+
+async def readiness(ctx: RunContext, name: str) -> Readiness:
+    """Fence agents where the domain may run, and whether its shared storage enforces locks
+    (the lock probe, once per pool per run)."""
+    from kvmstate.resources.lockprobe import pool_locks
+
+    spec = ctx.spec
+    d = spec.domains[name]
+    hosts = d.allowed_hosts()
+    agents = {h: f.program for h in hosts if (f := spec.hosts[h].fence) is not None}
+    no_agent = [h for h in hosts if h not in agents]
+    pools = list(
+        dict.fromkeys(
+            spec.volumes[k.volume].pool
+            for k in d.disks
+            if k.volume in spec.volumes and len(spec.pools[spec.volumes[k.volume].pool].hosts) > 1
+        )
+    )
+    probes = [await pool_locks(ctx, p) for p in pools]
+    fencing = (
+        "fence agents on " + ", ".join(f"{h} ({p})" for h, p in agents.items())
+        if agents
+        else "no fence agent"
+    )
+    if no_agent and agents:
+        fencing += f"; none on {', '.join(no_agent)} (a person confirms: kvmstate fence)"
+    if not probes:
+        locks = "storage locks: no shared pool"
+    elif all(p.enforced for p in probes):
+        locks = "storage locks: enforced between hosts"
+    elif any(p.enforced is False for p in probes):
+        locks = (
+            "storage locks: NOT enforced between hosts ("
+            + "; ".join(p.detail for p in probes if p.enforced is False)
+            + ")"
+        )
+    else:
+        locks = "storage locks: unknown (" + "; ".join(p.detail for p in probes) + ")"
+    ha = d.ha
+    summary = (
+        f"ha: priority {ha.priority if ha else 0}, restarts on {', '.join(d.ha_hosts())}; "
+        f"{fencing}; {locks}"
+    )
+    problem = None
+    if no_agent and any(p.enforced is False for p in probes):
+        problem = (
+            f"HA of {name} rests on a person alone: {', '.join(no_agent)} has no fence agent "
+            "and the shared storage does not enforce locks, so nothing would refuse a second "
+            "copy; add hosts.HOST.fence"
+        )
+    return Readiness(summary, problem)

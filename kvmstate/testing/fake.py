@@ -189,6 +189,9 @@ class FakeHost:
         """A started command's stdin was closed: it exits (the cluster lock is released)."""
         if argv[:2] == ("sh", "-c") and argv[3:4] == ("kvmstate-lock",) and self.lock_holder:
             self.lock_holder = None
+        if argv[:2] == ("sh", "-c") and argv[3:4] == ("kvmstate-lockprobe",):
+            for key in [k for k, v in self.cluster.flocks.items() if v == self.name]:
+                del self.cluster.flocks[key]
 
     def check_reachable(self) -> None:
         if not self.reachable:
@@ -444,6 +447,7 @@ class FakeCluster:
             else dict(spec_or_hosts)
         )
         self.hosts = {n: FakeHost(self, n, a) for n, a in hosts.items()}
+        self.flocks: dict[tuple[str, str], str] = {}  # (host, path) -> holder (lock probes)
 
     def __getitem__(self, name: str) -> FakeHost:
         return self.hosts[name]

@@ -16,12 +16,12 @@ import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmstate.errors import KvmstateError
 from kvmstate.nfsexports import EXPORTS_D_SCRIPT
 from kvmstate.ops.clusterlock import LOCK_SCRIPT
-from kvmstate.resources import prereq
+from kvmstate.resources import lockprobe, prereq
 from kvmstate.transport.base import ATOMIC_WRITE_SCRIPT
 
 if TYPE_CHECKING:
@@ -38,6 +38,20 @@ class Fail(Exception):
         self.stderr = stderr
         self.status = status
         self.stdout = stdout
+
+
+def _lock_key(h: Any, path: str) -> tuple[str, str]:
+    """Where a flock on ``path`` lives: on the NFS server when the mount carries locks (NFSv4,
+    or NFSv3 without ``nolock``), on this client only otherwise."""
+    server, p = h.resolve(path)
+    if server is h:
+        return (h.name, p)
+    covering = [m for m in h.mounts if path.startswith(m.mountpoint.rstrip("/") + "/")]
+    m = max(covering, key=lambda m: len(m.mountpoint))
+    opts = (*m.options, *m.super_options)
+    # nolock keeps locks on the client; so does a FUSE client without lock support (the lab's)
+    local = "nolock" in opts or "local_lock=all" in opts or m.fstype.startswith("fuse")
+    return (h.name, path) if local else (server.name, p)
 
 
 @dataclass
@@ -107,6 +121,14 @@ def run_command(h: FakeHost, argv: tuple[str, ...], input: str | None) -> str:
             old = fh.files.get(p)
             fh.files[p] = FakeFile(input or "", mode=old.mode if old else mode)
             return ""
+        case ("sh", "-c", script, "kvmstate-lockprobe", path) if script == lockprobe.HOLD_SCRIPT:
+            held = _lock_key(h, path)
+            if held in h.cluster.flocks:
+                raise Fail("", 75)
+            h.cluster.flocks[held] = h.name
+            return "HELD\n"
+        case ("sh", "-c", script, "kvmstate-lockprobe", path) if script == lockprobe.TRY_SCRIPT:
+            return "rc=75\n" if _lock_key(h, path) in h.cluster.flocks else "rc=0\n"
         case ("sh", "-c", script, "kvmstate-lock", holder) if script == LOCK_SCRIPT:
             # flock -n on the lock file: refused (75, the holder printed) while held
             if h.lock_holder is not None:

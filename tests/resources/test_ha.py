@@ -253,3 +253,25 @@ def test_ha_on_a_pinned_domain_is_a_spec_error(tmp_path: Path) -> None:
     text = ha_spec(None).replace("      policy: preferred\n", "")
     with pytest.raises(SpecError, match="pinned"):
         REGISTRY.parse(text)
+
+
+def test_plan_shows_fencing_and_whether_storage_enforces_locks(converged: Run) -> None:
+    r = converged
+    dom = change(r.plan(), "domain:guest")
+    assert dom.is_noop  # type: ignore[attr-defined]
+    # the lab-shaped spec mounts NFSv3 with nolock: a lock stays on the client that took it
+    assert "storage locks: NOT enforced" in dom.reason  # type: ignore[attr-defined]
+    assert "kvm-2 took the lock kvm-1 held" in dom.reason  # type: ignore[attr-defined]
+    assert "fence agents on kvm-1" in dom.reason  # type: ignore[attr-defined]
+    # and no person-only HA: kvm-2 has no agent, so that is named as the problem
+    assert "rests on a person alone: kvm-2 has no fence agent" in dom.reason  # type: ignore[attr-defined]
+    assert not r.cluster.flocks  # the probe let go of its lock
+
+
+def test_locks_are_enforced_over_nfs4(agent: Path, tmp_path: Path) -> None:
+    text = ha_spec(agent).replace("    nfs_version: 3\n    options: [nolock, _netdev]\n", "")
+    r = Run(text, tmp_path)
+    assert r.apply().converged
+    dom = change(r.plan(), "domain:guest")
+    assert "storage locks: enforced between hosts" in dom.reason  # type: ignore[attr-defined]
+    assert "rests on a person" not in dom.reason  # type: ignore[attr-defined]
