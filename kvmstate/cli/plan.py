@@ -66,7 +66,10 @@ def cmd_plan(ns: argparse.Namespace, out: Console, err: Console) -> int:
 
     plan = asyncio.run(run())
     if args.json:
-        out.print_json(to_json(plan.as_dict()))
+        data = plan.as_dict()
+        if down:  # a what-if: say so in the data too
+            data = {"what_if": {"hosts_down": sorted(down)}, **data}
+        out.print_json(to_json(data))
     else:
         views.plan(
             out,

@@ -141,3 +141,33 @@ def test_no_color_output_has_no_escape_codes() -> None:
     r = kvmstate("--no-color", "plan", SEED, "--assume-empty", env={"NO_COLOR": ""})
     assert "\x1b[" not in r.stdout
     assert max(len(line) for line in r.stdout.splitlines()) <= 100
+
+
+def test_host_down_names_an_unknown_host_and_contacts_nothing() -> None:
+    r = kvmstate("plan", SEED, "--host-down", "kvm-9")
+    assert r.returncode == 1
+    assert "--host-down kvm-9: not a host of" in r.stderr, r.stderr
+    assert "xcloud" in r.stderr  # the hosts it has
+
+
+def test_fence_refuses_a_host_without_agent_unless_confirmed_off() -> None:
+    r = kvmstate("fence", "xcloud", SEED)
+    assert r.returncode == 1
+    assert "has no fence agent" in r.stderr and "--confirm-off" in r.stderr, r.stderr
+
+
+def test_fence_agent_arguments_never_appear_in_a_spec_error(tmp_path: Path) -> None:
+    text = (ROOT / "specs" / "seed.yaml").read_text()
+    secret = "--password=hunter2-secret"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        text.replace(
+            "  xcloud:\n",
+            f"  xcloud:\n    fence: {{power_off: [fence_x, {secret}, off], status: [fence_x]}}\n",
+            1,
+        )
+    )
+    r = kvmstate("validate", str(spec))
+    assert r.returncode == 1
+    assert "quote it" in r.stdout + r.stderr
+    assert "hunter2" not in r.stdout + r.stderr
