@@ -101,6 +101,7 @@ class Sample:
 
     at: float  # seconds since the watcher started
     iteration: int | None
+    data_processed: int | None
     dirty_rate_pages: int | None
     page_size: int | None
     throttle: int | None  # auto-converge's vCPU throttle, percent
@@ -243,6 +244,7 @@ class MigrationWatcher:
                     Sample(
                         at=time.monotonic() - self._t0,
                         iteration=stats.get("memory_iteration"),
+                        data_processed=stats.get("data_processed"),
                         dirty_rate_pages=stats.get("memory_dirty_rate"),
                         page_size=stats.get("memory_page_size"),
                         throttle=stats.get(libvirt.VIR_DOMAIN_JOB_AUTO_CONVERGE_THROTTLE),
