@@ -70,7 +70,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo
 
-# Brings the lab up (a fresh one) for B1, B1b, B2, B4 and B5, and takes it down after.
+# Brings the lab up (a fresh one) for B1, B1b, B2, B4, B5 and B6, and takes it down after.
 # compileall: kvmstate edited since the install is measured with its bytecode up to date.
 bench: $(STAMP)
 	$(SYNC) -q --extra dev --extra lab --extra bench

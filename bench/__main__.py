@@ -1,5 +1,5 @@
 """``python -m bench`` (``make bench``): B3 on simulated hosts, T1/T2 (the transport on this
-machine), then B2/B1b/B1/B4/B5 on the lab when it is up and converged (or ``--setup-lab``);
+machine), then B2/B1b/B1/B4/B5/B6 on the lab when it is up and converged (or ``--setup-lab``);
 prints each figure with its target and PASS/MISS; writes ``bench/results/latest.json`` and
 ``docs/performance.md``.
 """
@@ -26,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--only",
-        default="B1,B1b,B2,B3,B4,B5,T",
+        default="B1,B1b,B2,B3,B4,B5,B6,T",
         help="comma list of benchmarks (B3 = simulated, T = transport; the others need the lab)",
     )
     p.add_argument("--runs", type=int, default=7, help="runs per side for B1b (B1: runs-2, >=3)")
     p.add_argument("--b3-runs", type=int, default=scale.RUNS)
     p.add_argument("--b3-mode", choices=["auto", "full", "shell"], default="auto")
     p.add_argument("--b3-ns", default=",".join(str(n) for n in scale.NS))
-    p.add_argument("--no-mutate", action="store_true", help="skip B4 and B5 (they migrate)")
+    p.add_argument("--no-mutate", action="store_true", help="skip B4, B5 and B6 (they migrate)")
     p.add_argument("--no-lab", action="store_true", help="do not even check the lab")
     p.add_argument("--profile", metavar="DIR", help="also write cProfile/importtime data here")
     p.add_argument("--no-write", action="store_true", help="do not write the json / md")
@@ -61,27 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     if "B1b" in only:
         results["startup"] = startup.run()
         rows += results["startup"]["rows"]
-    if only & {"B1", "B1b", "B2", "B4", "B5"} and not args.no_lab:
-        mutate = not args.no_mutate and bool(only & {"B4", "B5"})
+    if only & {"B1", "B1b", "B2", "B4", "B5", "B6"} and not args.no_lab:
+        mutate = not args.no_mutate and bool(only & {"B4", "B5", "B6"})
         res = lab.run(setup=args.setup_lab, runs=args.runs, mutate=mutate, only=only)
         results["lab"] = res
         if "skipped" in res:
             rows.append(
                 {
-                    "name": "B1, B1b, B2 (lab), B4, B5",
+                    "name": "B1, B1b, B2 (lab), B4, B5, B6",
                     "figure": "-",
                     "target": "-",
                     "ok": None,
                     "verdict": lab.SKIP_MSG,
                 }
             )
-        for name in ("B2", "B1b", "B1", "B4", "B5"):
+        for name in ("B2", "B1b", "B1", "B4", "B5", "B6"):
             rows += res.get(name, {}).get("rows", [])
-    if args.no_lab and only & {"B1", "B1b", "B2", "B4", "B5"}:
+    if args.no_lab and only & {"B1", "B1b", "B2", "B4", "B5", "B6"}:
         results["lab"] = {"skipped": "not run (--no-lab)"}
         rows.append(
             {
-                "name": "B1, B1b, B2 (lab), B4, B5",
+                "name": "B1, B1b, B2 (lab), B4, B5, B6",
                 "figure": "-",
                 "target": "-",
                 "ok": None,

@@ -1,8 +1,8 @@
 """Benchmarks on the real 3-host lab: B1 (vs Ansible), B1b (physical limit), B2 (round trips),
-B4 (migration vs virsh), B5 (evacuation).
+B4 (migration vs virsh), B5 (evacuation), B6 (migration policies under load, bench/b6.py).
 
 They run only when the lab is up and converged (``kvmstate plan specs/lab.yaml`` exits 0), or
-after ``--setup-lab`` (``kvmstate lab up`` + the first apply). B4 and B5 MUTATE the lab (live
+after ``--setup-lab`` (``kvmstate lab up`` + the first apply). B4, B5 and B6 MUTATE the lab (live
 migrations, extra guests) and put it back: at the end ``specs/lab.yaml`` plans clean again.
 Every run is a NEW process; runs of the compared tools alternate; medians are reported.
 """
@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from bench import b6
 from bench.common import KVMSTATE, PY, REPO, fmt, median, row, timed_run
 
 LAB_DIR = Path("/var/lib/kvmstate-lab")
@@ -692,7 +693,7 @@ def _tmpdir() -> Iterator[Path]:
 def run(
     *, setup: bool, runs: int = 5, mutate: bool = True, only: set[str] | None = None
 ) -> dict[str, Any]:
-    only = only if only is not None else {"B1", "B1b", "B2", "B4", "B5"}
+    only = only if only is not None else {"B1", "B1b", "B2", "B4", "B5", "B6"}
     out: dict[str, Any] = {}
     first_apply = None
     if setup:
@@ -714,9 +715,10 @@ def run(
             # one migration measured with the same guests running as the evacuation (on 2
             # cores, three TCG guests slow every migration down): like for like
             ("B5", lambda: b5(tmp, None)),
+            ("B6", lambda: b6.run(LAB_SPEC, tmp)),
         ]
         for name, fn in steps:
-            if name not in only or (name in ("B4", "B5") and not mutate):
+            if name not in only or (name in ("B4", "B5", "B6") and not mutate):
                 continue
             print(f"{name} on the lab")
             try:

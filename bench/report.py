@@ -76,6 +76,17 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"{r['rss_growth'] / 2**20:.1f} MiB | "
                 f"{ph['connections_max']:.0f} / {ph['channels_max']:.0f} |"
             )
+    b6 = data.get("results", {}).get("lab", {}).get("B6")
+    if b6 and b6.get("variants"):
+        from bench.b6 import markdown
+
+        out += [
+            "",
+            f"### B6 migration policies under load (guest dirtying {b6['dirty_mib']} MiB/s, "
+            f"link capped at {b6['link_mib_s']} MiB/s, timeout {b6['timeout_s']} s)",
+            "",
+            *markdown(b6["variants"]),
+        ]
     out += [
         "",
         "## Machine",
@@ -113,6 +124,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         "--undefinesource` (qemu+ssh); downtime from the `migration-done` event / "
         "`jobStats(COMPLETED)` on the destination.",
         "- B5: `drain: true` on kvm-1 with N guests vs one migration x ceil(N / limit).",
+        "- B6: one guest dirtying memory (`kvmstate.dirty=`) faster than a capped link, moved "
+        "by `virsh migrate --live --persistent --undefinesource --bandwidth` (libvirt's default "
+        "downtime) and by `kvmstate apply` with each policy, the same cap and timeout; "
+        "downtime, iterations and data from libvirt's job statistics, the dirty rate from "
+        "QEMU's `calc-dirty-rate` (page-sampling) before each run and `jobStats` during it.",
         "",
     ]
     return "\n".join(out)

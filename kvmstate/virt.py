@@ -484,10 +484,12 @@ def job_progress(conn: Any, name: str) -> dict[str, Any] | None:
 
 
 def completed_job(conn: Any, name: str) -> dict[str, Any]:
-    """Statistics of the finished migration, read on the destination."""
+    """Statistics of the finished migration, read on the destination; kept there for
+    ``virsh domjobinfo --completed`` (reading them without KEEP_COMPLETED discards them)."""
     lv = _libvirt()
+    flags = lv.VIR_DOMAIN_JOB_STATS_COMPLETED | lv.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
     try:
-        stats = conn.lookupByName(name).jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        stats = conn.lookupByName(name).jobStats(flags)
     except lv.libvirtError as e:
         log.debug("no completed job statistics for %s: %s", name, e)
         return {}
@@ -507,8 +509,15 @@ def set_max_downtime(conn: Any, name: str, ms: int) -> None:
     conn.lookupByName(name).migrateSetMaxDowntime(ms, 0)
 
 
-def start_postcopy(conn: Any, name: str) -> None:
+def start_postcopy(conn: Any, name: str) -> bool:
+    """Switch the running migration to post-copy; True once libvirt accepted it."""
     conn.lookupByName(name).migrateStartPostCopy(0)
+    return True
+
+
+def hypervisor_version(conn: Any) -> int:
+    """The hypervisor's version as libvirt encodes it (QEMU 7.2.0 -> 7002000)."""
+    return int(conn.getVersion())
 
 
 class NoCpuCaps(KvmstateError):

@@ -41,7 +41,8 @@ class StubDomain:
         w.location = "kvm-2"
 
     def jobStats(self, flags: int = 0) -> dict[str, Any]:
-        if flags == libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
+        if flags & libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
+            assert flags & libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED  # left for virsh too
             return {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "time_elapsed": 512, "downtime": 99}
         if not self.world.started.is_set() or self.world.location != "kvm-1":
             return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
@@ -61,6 +62,18 @@ class StubDomain:
     def migrateSetMaxDowntime(self, ms: int, flags: int) -> None:
         self.world.downtimes.append(ms)
 
+    def migrateStartPostCopy(self, flags: int) -> None:
+        w = self.world
+        w.postcopy_calls += 1
+        if w.postcopy_calls <= w.postcopy_refusals:
+            raise libvirt.libvirtError("Requested operation is not valid: not yet")
+        w.finish.set()  # post-copy always completes
+
+    def state(self) -> tuple[int, int]:
+        if self.world.crashed:
+            return (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED)
+        return (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED)
+
 
 class World:
     def __init__(self) -> None:
@@ -71,6 +84,9 @@ class World:
         self.location = "kvm-1"
         self.flags = 0
         self.downtimes: list[int] = []
+        self.postcopy_calls = 0
+        self.postcopy_refusals = 0
+        self.crashed = False
         self.dom = StubDomain(self)
 
 
@@ -111,8 +127,8 @@ class StubTransports:
         return None
 
 
-def setup() -> tuple[World, PlacementResource, RunContext, list[Event]]:
-    spec = make_spec(LAB_SPEC.replace("    placement:\n", POLICY))
+def setup(policy: str = POLICY) -> tuple[World, PlacementResource, RunContext, list[Event]]:
+    spec = make_spec(LAB_SPEC.replace("    placement:\n", policy))
     world = World()
     events: list[Event] = []
     ctx = RunContext(spec, StubTransports(world), events=events.append)
@@ -170,3 +186,48 @@ def test_cancellation_aborts_the_job() -> None:
 
     asyncio.run(scenario())
     assert world.aborted.is_set() and world.location == "kvm-1"
+
+
+def test_a_destination_that_died_at_the_switchover_is_a_failure_not_a_migration() -> None:
+    """QEMU 7.2's destination crashed after migrate3 returned (post-copy + multifd, seen on
+    the lab): the guest is gone, and kvmstate must not report it migrated."""
+    world, res, ctx, events = setup()
+    world.crashed = True
+
+    async def scenario() -> None:
+        task = asyncio.create_task(res._migrate_live(ctx, "kvm-1", "kvm-2"))
+        await asyncio.sleep(0.05)
+        world.finish.set()
+        await task
+
+    with pytest.raises(KvmstateError, match=r"returned, but guest is shut-off on kvm-2"):
+        asyncio.run(scenario())
+    assert not [e for e in events if e["event"] == "migration-done"]
+
+
+def test_a_refused_post_copy_switch_is_tried_again() -> None:
+    world, res, ctx, events = setup(
+        "    migration: {postcopy: 20ms, timeout: 30s}\n    placement:\n"
+    )
+    world.postcopy_refusals = 2
+    asyncio.run(res._migrate_live(ctx, "kvm-1", "kvm-2"))
+    assert world.postcopy_calls == 3 and world.location == "kvm-2"
+    assert events[-1]["event"] == "migration-done"
+
+
+def test_a_post_copy_switch_that_never_happens_still_times_out() -> None:
+    world, res, ctx, _ = setup("    migration: {postcopy: 10ms, timeout: 300ms}\n    placement:\n")
+    world.postcopy_refusals = 10**6
+    with pytest.raises(KvmstateError, match=r"timed out after 0\.3s; aborted"):
+        asyncio.run(res._migrate_live(ctx, "kvm-1", "kvm-2"))
+    assert world.aborted.is_set() and world.location == "kvm-1" and world.postcopy_calls > 1
+
+
+def test_on_timeout_postcopy_switches_instead_of_aborting() -> None:
+    world, res, ctx, events = setup(
+        "    migration: {timeout: 50ms, on_timeout: postcopy}\n    placement:\n"
+    )
+    asyncio.run(res._migrate_live(ctx, "kvm-1", "kvm-2"))
+    assert world.flags & libvirt.VIR_MIGRATE_POSTCOPY
+    assert world.postcopy_calls == 1 and not world.aborted.is_set()
+    assert world.location == "kvm-2" and events[-1]["event"] == "migration-done"

@@ -227,9 +227,61 @@ def test_the_plan_says_what_the_migration_policy_will_do() -> None:
     assert describe_policy(p) == (
         "max downtime 300ms, raised to 1s after 20s, bandwidth 100MiB/s, "
         "auto-converge (vCPUs throttled while not converging), post-copy after 1m, "
-        "abort after 10m"
+        "abort after 10m if post-copy did not start"
     )
     assert describe_policy(MigrationPolicy()) == ""
+    steps_only = MigrationPolicy.model_validate(
+        {"downtime_steps": [{"after": "5s", "max_downtime": "2s"}], "timeout": "1m"}
+    )
+    assert describe_policy(steps_only) == (
+        "max downtime QEMU's default (300ms), raised to 2s after 5s, abort after 1m"
+    )
+    on_timeout = MigrationPolicy.model_validate({"timeout": "45s", "on_timeout": "postcopy"})
+    assert describe_policy(on_timeout) == "post-copy after 45s (timeout)"
+    both = MigrationPolicy.model_validate(
+        {"postcopy": "10s", "timeout": "45s", "on_timeout": "postcopy"}
+    )
+    assert describe_policy(both) == "post-copy after 10s"
+
+
+def test_policy_checks_name_what_the_targets_qemu_cannot_do() -> None:
+    from kvmstate.resources.placement.migrate import policy_checks
+    from kvmstate.spec import MigrationPolicy
+
+    def checks(qemu: int, **policy: object) -> list[tuple[bool, str]]:
+        p = MigrationPolicy.model_validate(policy)
+        return [(c.ok, c.detail) for c in policy_checks(p, qemu)]
+
+    assert checks(7_002_000, postcopy="30s", parallel_connections=4) == [
+        (
+            False,
+            "post-copy with parallel connections: not on QEMU 7.2.0 (before 10.0; 7.2 "
+            "accepts both, then its destination crashes at the switch and the guest is "
+            "lost); use one or the other",
+        )
+    ]
+    [(ok, _)] = checks(7_002_000, timeout="1m", on_timeout="postcopy", parallel_connections=2)
+    assert not ok
+    assert checks(10_000_000, postcopy="30s", parallel_connections=4) == []
+    assert checks(7_002_000, postcopy="30s") == []
+    assert checks(7_002_000, parallel_connections=2) == []
+    [(ok, detail)] = checks(7_002_000, compressed=True, parallel_connections=2)
+    assert ok and detail.startswith("warning: compressed is XBZRLE")
+    assert checks(7_002_000, compressed=True) == []
+
+
+def test_the_plan_blocks_post_copy_with_parallel_connections(
+    cluster: FakeCluster, ctx: RunContext
+) -> None:
+    """libvirt's test driver reports hypervisor version 2.0.0: before QEMU 10.0."""
+    run(converge_upto(ctx, "placement"))
+    moved = make_spec(
+        LAB_SPEC.replace("    host: kvm-1\n", "    host: kvm-2\n")
+        + "migration: {postcopy: 30s, parallel_connections: 4}\n"
+    )
+    change = run(plan(find(moved, "placement"), RunContext(moved, cluster)))
+    assert change.blocked and "post-copy with parallel connections" in change.blocked
+    assert [c.name for c in change.checks if not c.ok] == ["migration policy"]
 
 
 def test_a_live_migration_in_the_plan_names_its_policy(

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from kvmstate import virt
 from kvmstate.errors import KvmstateError
-from kvmstate.model import MigrationDone, MigrationProgress
+from kvmstate.model import Check, MigrationDone, MigrationProgress
 from kvmstate.resources.base import RunContext
 from kvmstate.spec import MigrationPolicy
 
@@ -71,19 +71,17 @@ class LiveMigration:
                 elapsed = loop.time() - start
                 late = p.postcopy is not None and elapsed >= p.postcopy
                 timed_out = p.timeout is not None and elapsed >= p.timeout
-                if (
-                    postcopy
-                    and not switched
-                    and (late or (timed_out and p.on_timeout == "postcopy"))
-                ):
-                    self.log.info("switching %s to post-copy after %.1fs", self.name, elapsed)
-                    await self._bounded(slv.run(virt.start_postcopy, sconn, self.name))
-                    switched = True
-                elif timed_out and not switched:
+                if timed_out and not switched and p.on_timeout != "postcopy":
                     await self._abort(slv, sconn, task)
                     raise KvmstateError(
                         f"migration of {self.name} {src} -> {dst} timed out after "
                         f"{p.timeout:g}s; aborted, the domain is still running on {src}"
+                    )
+                if postcopy and not switched and (late or timed_out):
+                    self.log.info("switching %s to post-copy after %.1fs", self.name, elapsed)
+                    # not switched when the call failed or was late: tried again next poll
+                    switched = bool(
+                        await self._bounded(slv.run(virt.start_postcopy, sconn, self.name))
                     )
                 # Progress and policy calls must never hold up the timeout above: libvirt can
                 # make them wait for its job lock (before the migration's perform phase).
@@ -106,6 +104,15 @@ class LiveMigration:
         except asyncio.CancelledError:
             await self._abort(slv, sconn, task)
             raise
+        # migrate3 returning is not proof: QEMU 7.2's destination can die at the switchover
+        # (post-copy with parallel connections) after the source has already handed over.
+        state = await dlv.run(virt.domain_state, dconn, self.name)
+        if state != "running":
+            raise KvmstateError(
+                f"migration of {self.name} {src} -> {dst} returned, but {self.name} is "
+                f"{state or 'not defined'} on {dst} (its QEMU failed: see "
+                f"/var/log/libvirt/qemu/{self.name}.log on {dst})"
+            )
         if self.autostart:  # autostart is host-local: it does not travel with the guest
             await dlv.run(virt.set_domain_autostart, dconn, self.name, True)
         stats = await dlv.run(virt.completed_job, dconn, self.name)
@@ -168,14 +175,56 @@ class LiveMigration:
         )
 
 
+def policy_checks(p: MigrationPolicy, qemu_version: int | None) -> list[Check]:
+    """What the target's QEMU (``qemu_version`` as libvirt encodes it, 7002000 = 7.2.0) does
+    not do of the policy, as plan checks: a failed one blocks the move before anything moves.
+    Seen on QEMU 7.2 / libvirt 9.0 (tests/real/test_migration_policies_lab.py)."""
+    out: list[Check] = []
+    shown = _qemu(qemu_version)
+    postcopy = p.postcopy is not None or (p.on_timeout == "postcopy" and p.timeout is not None)
+    if postcopy and p.parallel_connections and (qemu_version or 0) < QEMU_POSTCOPY_MULTIFD:
+        out.append(
+            Check(
+                "migration policy",
+                False,
+                f"post-copy with parallel connections: not on QEMU {shown} (before 10.0; "
+                "7.2 accepts both, then its destination crashes at the switch and the guest "
+                "is lost); use one or the other",
+            )
+        )
+    if p.compressed and p.parallel_connections:
+        out.append(
+            Check(
+                "migration policy",
+                True,
+                "warning: compressed is XBZRLE, which QEMU never applies to pages sent over "
+                "parallel connections: no effect with parallel_connections",
+            )
+        )
+    return out
+
+
+# QEMU 10.0 is the first to run post-copy with multifd channels (before it, 7.2 crashes).
+QEMU_POSTCOPY_MULTIFD = 10_000_000
+
+
+def _qemu(version: int | None) -> str:
+    if not version:
+        return "(version unknown)"
+    return f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+
+
 def describe_policy(p: MigrationPolicy) -> str:
     """What a live migration under ``p`` will do, in the plan's words: "max downtime 300ms,
-    raised to 1s after 20s, post-copy after 1m, abort after 10m". Empty: libvirt's defaults."""
+    raised to 1s after 20s, post-copy after 1m, abort after 10m". Empty: libvirt's defaults.
+    The times count from the start of the migration, as :meth:`LiveMigration.run` does."""
     from kvmstate.units import format_duration, format_size
 
     parts = []
     if p.max_downtime is not None:
         parts.append(f"max downtime {format_duration(p.max_downtime)}")
+    elif p.downtime_steps:
+        parts.append("max downtime QEMU's default (300ms)")
     for step in p.downtime_steps or []:
         parts.append(
             f"raised to {format_duration(step.max_downtime)} after {format_duration(step.after)}"
@@ -187,10 +236,15 @@ def describe_policy(p: MigrationPolicy) -> str:
     if p.parallel_connections:
         parts.append(f"{p.parallel_connections} parallel connections")
     if p.compressed:
-        parts.append("compressed")
+        parts.append("compressed (XBZRLE)")
     if p.postcopy is not None:
         parts.append(f"post-copy after {format_duration(p.postcopy)}")
     if p.timeout is not None:
-        then = "post-copy" if p.on_timeout == "postcopy" else "abort"
-        parts.append(f"{then} after {format_duration(p.timeout)}")
+        if p.on_timeout == "postcopy":
+            if p.postcopy is None or p.timeout < p.postcopy:
+                parts.append(f"post-copy after {format_duration(p.timeout)} (timeout)")
+        elif p.postcopy is not None and p.postcopy <= p.timeout:
+            parts.append(f"abort after {format_duration(p.timeout)} if post-copy did not start")
+        else:
+            parts.append(f"abort after {format_duration(p.timeout)}")
     return ", ".join(parts)

@@ -26,7 +26,7 @@ from kvmstate.resources import cpu
 from kvmstate.resources.base import DocSection, Resource, RunContext
 from kvmstate.resources.capacity import reserved_memory, target_memory
 from kvmstate.resources.common import diff
-from kvmstate.resources.placement.migrate import LiveMigration, describe_policy
+from kvmstate.resources.placement.migrate import LiveMigration, describe_policy, policy_checks
 from kvmstate.resources.placement.schedule import Move, TargetMemory, arrange_migrations
 from kvmstate.resources.whereabouts import domain_hosts, locate
 from kvmstate.spec import Domain, MigrationPolicy, Spec
@@ -183,6 +183,11 @@ class PlacementResource(Resource[PlacementObs]):
         for net in dict.fromkeys(i.network for i in self.d.interfaces if i.network):
             out.append(await self._network_check(dlv, dconn, dst, net))
         out.append(await self._cpu_check(ctx, src, dst, dconn))
+        if running and self.policy.live is not False and self.policy.parallel_connections:
+            # what the target's QEMU cannot do of the policy (only combinations with
+            # parallel connections so far: nothing else is read otherwise)
+            qemu = await dlv.run(virt.hypervisor_version, dconn)
+            out += policy_checks(self.policy, qemu)
         if target_facts:
             target_checks, mem = await self._target_checks(ctx, dst, running)
             out += target_checks
