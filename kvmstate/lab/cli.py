@@ -29,14 +29,14 @@ def _parser() -> argparse.ArgumentParser:
         "  kvmstate lab up --kvm-hosts 3\n"
         "  kvmstate lab shell kvm-1 virsh list --all\n"
         "  kvmstate lab status --json\n"
-        "  kvmstate lab crash kvm-1        # a power loss; `lab boot kvm-1` brings it back\n"
+        "  kvmstate lab crash kvm-1        # a power loss (`lab boot kvm-1`: back)\n"
         "  kvmstate lab power kvm-1 status # the fence agent: exit 0 ON, 2 OFF\n"
         "  kvmstate lab down",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"lab directory ({DEFAULT_DIR})")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="bring the lab up (tears down a previous/crashed one first)")
     up.add_argument("--kvm-hosts", type=int, default=2, metavar="N", help="KVM hosts (>= 2)")
     up.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
@@ -203,7 +203,6 @@ def _print_status(console: Console, status: dict[str, object]) -> None:
     table.add_column("host", overflow="fold")  # long names fold rather than end in "…"
     table.add_column("role")
     table.add_column("address", overflow="fold")
-    table.add_column("power")
     table.add_column("daemons", overflow="fold")
     hosts = status["hosts"]
     assert isinstance(hosts, list)
@@ -211,7 +210,10 @@ def _print_status(console: Console, status: dict[str, object]) -> None:
         daemons = ", ".join(
             f"{d['name']}({d['pid']}{'' if d['alive'] else ' dead'})" for d in h["daemons"]
         )
-        table.add_row(h["name"], h["role"], h["address"], h.get("power", "?"), daemons or "-")
+        role = h["role"]  # a host that is not simply on says so: "kvm, off", "kvm, isolated"
+        if h.get("power", "on") != "on":
+            role = f"{role}, [bold]{h['power']}[/]"
+        table.add_row(h["name"], role, h["address"], daemons or "-")
     console.print(table)
     console.print(Hanging(f"spec: {status['spec']}  ssh: ssh -F {status['ssh_config']} HOST"))
 

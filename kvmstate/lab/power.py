@@ -198,6 +198,31 @@ def kill_host(host: HostConfig, registry: PidRegistry) -> list[tuple[int, int | 
     return pairs
 
 
+def release_mounts(host: HostConfig) -> None:
+    """Detach the host's own mounts (its /etc overlay, /sys, private binds, NFS) inside its
+    mount namespace, which is about to be dropped: other hosts' namespaces, copied from the
+    controller's after this one was made, keep a reference to it, and the overlay on the
+    host's /etc upper directory must not outlive the boot that mounts it again."""
+    if not host.mnt_ns.exists():
+        return
+    try:
+        out = run(netns.host_argv(host, ["cat", "/proc/self/mounts"]), check=False).stdout
+    except LabError:
+        return
+    own = {"/sys", "/etc", *host.private_dirs()}
+    targets = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mp, fstype = parts[1].replace("\\040", " "), parts[2]
+        if mp in own or mp.startswith("/usr/sbin/mount.nfs") or fstype.startswith("fuse."):
+            targets.append(mp)
+    targets = sorted(set(targets), key=lambda m: m.count("/"), reverse=True)
+    if targets:
+        run(netns.host_argv(host, ["umount", "-l", "--no-canonicalize", *targets]), check=False)
+
+
 def clear_run_dir(host: HostConfig) -> None:
     """Empty the host's ``/run`` (a tmpfs on a real host: lost at power-off)."""
     run_dir = host.outside("/run")
@@ -221,6 +246,7 @@ def _require_kvm(host: HostConfig, what: str) -> None:
 def _power_off(host: HostConfig, registry: PidRegistry) -> int:
     link_down(host)
     killed = kill_host(host, registry)
+    release_mounts(host)
     netns.drop_host_namespaces(host)
     clear_run_dir(host)
     return len(killed)
