@@ -41,7 +41,15 @@ from typing import TextIO
 
 from kvmstate.lab import hosts, netns
 from kvmstate.lab.config import DEFAULT_DIR, NETWORK, SERVER_PATH, HostConfig, LabConfig
-from kvmstate.lab.proc import LabError, PidRegistry, pid_alive, run, start_time, wait_gone
+from kvmstate.lab.proc import (
+    LabError,
+    PidRegistry,
+    gone,
+    pid_alive,
+    run,
+    start_time,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +132,26 @@ def link_up(host: HostConfig) -> None:
     run(["ip", "route", "del", "unreachable", f"{host.address}/32"], check=False)
 
 
+def wait_link(host: HostConfig) -> None:
+    """Wait until the host's link carries traffic: both veth ends operationally up (the
+    kernel applies a carrier change a moment later) and its bridge port forwarding. A boot
+    mounts its NFS lines only then, as ``network-online`` comes before ``_netdev`` mounts."""
+
+    def ready() -> bool:
+        sysfs = Path("/sys/class/net") / host.veth
+        try:
+            ours = (sysfs / "operstate").read_text().strip()
+            port = (sysfs / "brport" / "state").read_text().strip()
+        except OSError:
+            return False
+        if ours != "up" or port != "3":  # BR_STATE_FORWARDING
+            return False
+        peer = run(["ip", "-n", host.netns, "-o", "link", "show", "eth0"], check=False).stdout
+        return "state UP" in peer
+
+    wait_for(f"{host.name}: link up", ready, timeout=30)
+
+
 def link_is_up(host: HostConfig) -> bool:
     try:
         flags = int(Path(f"/sys/class/net/{host.veth}/flags").read_text(), 16)
@@ -192,10 +220,40 @@ def kill_host(host: HostConfig, registry: PidRegistry) -> list[tuple[int, int | 
     else:
         raise LabError(f"{host.name}: processes keep appearing after {KILL_ROUNDS} rounds")
     pairs = list(killed.items())
-    left = wait_gone(pairs, timeout=REAP_TIMEOUT)
-    if left:
-        raise LabError(f"{host.name}: pids {left} still in the process table after the crash")
+    try:
+        wait_for(
+            f"{host.name}: killed processes leaving the process table",
+            lambda: all(_settled(p, s, killed) for p, s in pairs),
+            timeout=REAP_TIMEOUT,
+        )
+    except LabError:
+        left = [p for p, s in pairs if not _settled(p, s, killed)]
+        raise LabError(
+            f"{host.name}: pids {left} still in the process table after the crash"
+        ) from None
     return pairs
+
+
+def _settled(pid: int, started: int | None, killed: dict[int, int | None]) -> bool:
+    """Gone from the process table; or dead and left to a parent outside the host that is
+    alive and not init (a test or script that started the lab daemons in-process: only it
+    can reap them, and it does on its next ``subprocess`` call). Our own children are
+    reaped here; orphans are reaped by init (late on some machines), waited for."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    if gone(pid, started):
+        return True
+    if pid_alive(pid, started):
+        return False
+    parent = _ppid(pid)
+    return parent not in (None, 0, 1, os.getpid()) and parent not in killed and pid_alive(parent)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def release_mounts(host: HostConfig) -> None:
@@ -289,6 +347,10 @@ def _boot(cfg: LabConfig, host: HostConfig, registry: PidRegistry) -> list[str]:
     netns.drop_host_namespaces(host)  # after a failed boot
     clear_run_dir(host)
     link_up(host)
+    wait_link(host)
+    # The kernel's neighbour cache did not survive the power loss either (entries that
+    # failed while the link was down would make the first connects fail).
+    run(["ip", "-n", host.netns, "neigh", "flush", "dev", "eth0"], check=False)
     netns.create_host_namespaces(host)
     hosts.mount_host_view(cfg, host)
     warnings = mount_fstab(host)
@@ -330,6 +392,7 @@ def reconnect(cfg: LabConfig, host: HostConfig) -> None:
         if state == OFF:
             raise LabError(f"{host.name} is powered off (`kvmstate lab boot {host.name}`)")
         link_up(host)
+        wait_link(host)
         record_power(cfg, {host.name: ON})
 
 

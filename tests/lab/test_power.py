@@ -9,6 +9,7 @@ isolated). Waits are bounded hang guards (``wait_for``), never timing assertions
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 
 from kvmstate.lab import power
 from kvmstate.lab.lab import Lab
-from kvmstate.lab.proc import LabError, gone, pid_alive, wait_for
+from kvmstate.lab.proc import LabError, gone, pid_alive, wait_for, wait_gone
 from kvmstate.lab.selftest import guest_xml
 
 pytestmark = pytest.mark.lab
@@ -138,8 +139,13 @@ def test_crash_kills_everything_and_boot_brings_back_libvirt_state(power_lab: La
     assert crashed.returncode == 0, crashed.stderr
     assert "lost power" in crashed.stdout
 
-    # Every process of kvm-1 has left the process table when `crash` returns.
-    assert [p for p, st in victims if not gone(p, st)] == []
+    # Every process of kvm-1 has left the process table when `crash` returns, except the
+    # daemons this test process started (the session's `lab up` ran in it): they are dead,
+    # zombies that only their parent, this process, can reap (wait_gone does).
+    ours = [(p, st) for p, st in victims if _ppid(p) == os.getpid()]
+    assert [p for p, st in victims if (p, st) not in ours and not gone(p, st)] == []
+    assert [p for p, st in ours if pid_alive(p, st)] == []
+    assert wait_gone(ours, timeout=HANG_GUARD) == []
     assert power.host_processes(kvm1, lab.pids) == []
     # Unreachable over SSH and over libvirt's qemu+ssh.
     ssh = _ssh(lab, "kvm-1")
@@ -149,8 +155,12 @@ def test_crash_kills_everything_and_boot_brings_back_libvirt_state(power_lab: La
     for res in (_cli(lab, "power", "kvm-1", "status"), _agent(lab, "kvm-1", "status")):
         assert (res.returncode, res.stdout.strip()) == (2, "Status: OFF"), res
     assert _power(_status_json(lab)) == {"storage": "on", "kvm-1": "off", "kvm-2": "on"}
+    table = _cli(lab, "status")
+    assert table.returncode == 0 and "kvm, off" in table.stdout, table
     with pytest.raises(LabError, match="powered off"):
         lab.run("kvm-1", ["hostname"])
+    shell = _cli(lab, "shell", "kvm-1", "hostname")
+    assert shell.returncode == 1 and "powered off" in shell.stderr, shell
     # Runtime state lost, persistent state kept.
     assert not kvm1.outside("/run/libvirt/libvirt-sock").exists()
     assert not kvm1.outside("/run/libvirt/qemu/auto.pid").exists()
@@ -173,7 +183,7 @@ def test_crash_kills_everything_and_boot_brings_back_libvirt_state(power_lab: La
     listed = _virsh_ssh(lab, "kvm-1", "list", "--all", "--name")
     assert listed.returncode == 0, listed.stderr
     assert sorted(listed.stdout.split()) == ["auto", "manual"]
-    assert _nfs_mounted(lab, "kvm-1")  # its fstab's NFS line, mounted at boot
+    assert _nfs_mounted(lab, "kvm-1"), booted.stderr  # its fstab's NFS line, at boot
     wait_for(
         "autostarted domain running",
         lambda: _domstate(lab, "kvm-1", "auto") == "running",
@@ -270,6 +280,14 @@ def _daemons(lab: Lab, host: str) -> list[tuple[int, int | None]]:
         for p, st in power.host_processes(lab.cfg.host(host), lab.pids)
         if p in recorded or _comm(p) in daemons
     ]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _comm(pid: int) -> str:
