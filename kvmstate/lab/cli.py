@@ -29,12 +29,14 @@ def _parser() -> argparse.ArgumentParser:
         "  kvmstate lab up --kvm-hosts 3\n"
         "  kvmstate lab shell kvm-1 virsh list --all\n"
         "  kvmstate lab status --json\n"
+        "  kvmstate lab crash kvm-1        # a power loss (`lab boot kvm-1`: back)\n"
+        "  kvmstate lab power kvm-1 status # the fence agent: exit 0 ON, 2 OFF\n"
         "  kvmstate lab down",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"lab directory ({DEFAULT_DIR})")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="bring the lab up (tears down a previous/crashed one first)")
     up.add_argument("--kvm-hosts", type=int, default=2, metavar="N", help="KVM hosts (>= 2)")
     up.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
@@ -51,6 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shell", help="run CMD (or a shell) inside a lab host, as ssh would")
     sh.add_argument("host")
     sh.add_argument("cmd", nargs=argparse.REMAINDER)
+    for name, text in (
+        ("crash", "power loss of a KVM host: all its processes SIGKILLed, its link down"),
+        ("boot", "boot a crashed KVM host (its libvirt state and autostart flags kept)"),
+        ("isolate", "network partition: the host's link down, its processes alive"),
+        ("reconnect", "end a partition: the host's link up again"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("host")
+        sp.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
+    pw = sub.add_parser(
+        "power",
+        help="the lab's fence agent: status (exit 0 ON, 2 OFF), off (= crash), on (= boot)",
+    )
+    pw.add_argument("host")
+    pw.add_argument("action", choices=("status", "off", "on", "reboot"))
+    pw.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="lab directory")
     gc = sub.add_parser("guest-counter", help="print a lab guest's latest counter value")
     gc.add_argument("domain")
     gc.add_argument(
@@ -92,6 +110,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from kvmstate.lab.lab import Lab
 
     cmd = args.command
+    if cmd == "power":
+        from kvmstate.lab.power import fence
+
+        return fence(args.dir, args.host, args.action)
     if cmd == "status" and args.json:
         lab = Lab(args.dir)
         print(json.dumps(lab.status(), indent=2))
@@ -119,8 +141,27 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if cmd == "status":
         _print_status(console, lab.status())
         return 0
+    if cmd == "crash":
+        n = lab.crash(args.host)
+        if n == 0:
+            console.print(f"lab crash: {args.host} is already off")
+        else:
+            console.print(f"[green]lab crash[/]: {args.host} lost power ({n} processes killed)")
+        return 0
+    if cmd == "boot":
+        was = lab.power_state(args.host)
+        for warning in lab.boot(args.host):
+            console.print(f"[yellow]lab boot: {warning}[/]")
+        done = "booted" if was == "off" else f"already on ({was})"
+        console.print(f"[green]lab boot[/]: {args.host} {done}")
+        return 0
+    if cmd in ("isolate", "reconnect"):
+        getattr(lab, cmd)(args.host)
+        console.print(f"[green]lab {cmd}[/]: {args.host} is {lab.power_state(args.host)}")
+        return 0
     if cmd == "shell":
         h = lab.host(args.host)
+        lab.require_on(h.name)
         from kvmstate.lab.hosts import HOST_ENV
         from kvmstate.lab.netns import host_argv
 
@@ -169,7 +210,10 @@ def _print_status(console: Console, status: dict[str, object]) -> None:
         daemons = ", ".join(
             f"{d['name']}({d['pid']}{'' if d['alive'] else ' dead'})" for d in h["daemons"]
         )
-        table.add_row(h["name"], h["role"], h["address"], daemons or "-")
+        role = h["role"]  # a host that is not simply on says so: "kvm, off", "kvm, isolated"
+        if h.get("power", "on") != "on":
+            role = f"{role}, [bold]{h['power']}[/]"
+        table.add_row(h["name"], role, h["address"], daemons or "-")
     console.print(table)
     console.print(Hanging(f"spec: {status['spec']}  ssh: ssh -F {status['ssh_config']} HOST"))
 

@@ -73,12 +73,7 @@ def write_host_files(cfg: LabConfig, host: HostConfig, pubkey: str) -> None:
         d.mkdir(parents=True, exist_ok=True)
     host.etc_upper.mkdir(parents=True)
     host.etc_work.mkdir(parents=True)
-    run_dir = host.outside("/run")
-    for sub in ("sshd", "lock", "shm", "libvirt", "ganesha", "rpcbind", "mount"):
-        (run_dir / sub).mkdir(exist_ok=True)
-    (run_dir / "sshd").chmod(0o755)
-    (run_dir / "lock").chmod(0o1777)
-    (run_dir / "shm").chmod(0o1777)
+    make_run_dirs(host)
 
     etc = host.etc_upper
     (etc / "hostname").write_text(host.name + "\n")
@@ -113,6 +108,17 @@ def write_host_files(cfg: LabConfig, host: HostConfig, pubkey: str) -> None:
         seed_capability_cache(cfg, host)
     else:
         (etc / "ganesha").mkdir()
+
+
+def make_run_dirs(host: HostConfig) -> None:
+    """The directories a freshly booted host has in its (empty) ``/run``."""
+    run_dir = host.outside("/run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("sshd", "lock", "shm", "libvirt", "ganesha", "rpcbind", "mount"):
+        (run_dir / sub).mkdir(exist_ok=True)
+    (run_dir / "sshd").chmod(0o755)
+    (run_dir / "lock").chmod(0o1777)
+    (run_dir / "shm").chmod(0o1777)
 
 
 def write_sshd_files(cfg: LabConfig, host: HostConfig) -> None:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvmstate.lab import guest, hosts, netns, nfsserver, specgen, storage
+from kvmstate.lab import guest, hosts, netns, nfsserver, power, specgen, storage
 from kvmstate.lab.config import BRIDGE, BTRFS_LABEL, DEFAULT_DIR, HostConfig, LabConfig
 from kvmstate.lab.proc import (
     CommandError,
@@ -158,6 +158,7 @@ class Lab:
             "mount.nfs4": specgen.render_python_entry(python, "kvmstate.lab.nfsfuse", "mount_main"),
             "exportfs": specgen.render_python_entry(python, "kvmstate.lab.exportfs", "main"),
             "ssh": specgen.render_ssh_wrapper(cfg),
+            "fence-agent": power.render_fence_agent(python, cfg.dir),
         }
         for name, text in scripts.items():
             path = cfg.bin_dir / name
@@ -209,6 +210,13 @@ class Lab:
                 f"the lab in {other} is up, not the one in {cfg.dir}: nothing stopped "
                 f"(`kvmstate lab --dir {other} down` stops it)"
             )
+        # Crashed hosts have no processes and no mount namespace; isolated ones get their
+        # link back first (an isolated storage host would stall the unmounts below).
+        for h in cfg.hosts:
+            if h.netns_path.exists():
+                with contextlib.suppress(Exception):
+                    power.link_up(h)
+        power.clear_unreachable_routes()
         live_hosts = [h for h in cfg.hosts if h.netns_path.exists() and h.mnt_ns.exists()]
         kvm_live = [h for h in live_hosts if h.role == "kvm"]
         # 1. Domains (QEMU processes) before anything they use.
@@ -274,6 +282,8 @@ class Lab:
         if not all(h.netns_path.exists() for h in self.cfg.hosts):
             return False
         latest = {(d.name, d.host): d for d in self.pids.load()}  # a restart supersedes
+        off = {h.name for h in self.cfg.hosts if power.power_state(self.cfg, h) == power.OFF}
+        latest = {k: d for k, d in latest.items() if d.host not in off}  # crashed on purpose
         return bool(latest) and all(pid_alive(d.pid, d.started) for d in latest.values())
 
     def status(self) -> dict[str, Any]:
@@ -288,6 +298,7 @@ class Lab:
                     "role": h.role,
                     "address": h.address,
                     "netns": h.netns,
+                    "power": power.power_state(cfg, h),
                     "libvirt_uri": cfg.ssh_uri(h) if h.role == "kvm" else None,
                     "libvirt_socket": str(cfg.libvirt_socket(h)) if h.role == "kvm" else None,
                     "daemons": [
@@ -323,7 +334,12 @@ class Lab:
         return found
 
     def _write_state(self, up: bool) -> None:
-        data = {"dir": str(self.cfg.dir), "kvm_hosts": self.cfg.kvm_hosts, "up": up}
+        data = {
+            "dir": str(self.cfg.dir),
+            "kvm_hosts": self.cfg.kvm_hosts,
+            "up": up,
+            "power": {h.name: power.ON if up else power.OFF for h in self.cfg.hosts},
+        }
         self.cfg.state_file.write_text(json.dumps(data, indent=2) + "\n")
 
     # Commands in hosts --------------------------------------------------------------------
@@ -345,6 +361,7 @@ class Lab:
         h = self.host(host)
         if not h.netns_path.exists():
             raise LabError(f"lab host {h.name} is not up (run `kvmstate lab up`)")
+        self.require_on(h.name)
         return run(
             netns.host_argv(h, argv, wd="/root"),
             check=check,
@@ -352,6 +369,31 @@ class Lab:
             env=hosts.HOST_ENV,
             timeout=timeout,
         )
+
+    # Power --------------------------------------------------------------------------------
+    def power_state(self, name: str) -> str:
+        """``on``, ``off`` (crashed, or the lab is down) or ``isolated`` (on, unreachable)."""
+        return power.power_state(self.cfg, self.host(name))
+
+    def require_on(self, name: str) -> None:
+        if self.power_state(name) == power.OFF and self.host(name).netns_path.exists():
+            raise LabError(f"lab host {name} is powered off (`kvmstate lab boot {name}`)")
+
+    def crash(self, name: str) -> int:
+        """Power loss of KVM host ``name`` (see :mod:`kvmstate.lab.power`); idempotent.
+        Returns how many processes were killed."""
+        return power.crash(self.cfg, self.host(name), self.pids)
+
+    def boot(self, name: str) -> list[str]:
+        """Boot a crashed KVM host with its old libvirt state; returns the boot's warnings."""
+        return power.boot(self.cfg, self.host(name), self.pids)
+
+    def isolate(self, name: str) -> None:
+        """Cut ``name`` off the network, its processes alive (a partition)."""
+        power.isolate(self.cfg, self.host(name))
+
+    def reconnect(self, name: str) -> None:
+        power.reconnect(self.cfg, self.host(name))
 
     # Reset --------------------------------------------------------------------------------
     def reset(self) -> float:
@@ -365,6 +407,12 @@ class Lab:
             log.warning("the lab in %s is not up: bringing it up", cfg.dir)
             self.up()
             return time.monotonic() - t0
+        for h in cfg.hosts:  # every host on and connected
+            state = power.power_state(cfg, h)
+            if state == power.OFF:
+                self.boot(h.name)
+            elif state == power.ISOLATED or not power.link_is_up(h):
+                self.reconnect(h.name)
 
         def reset_kvm(h: HostConfig) -> None:
             self._clear_libvirt(h, pools=True)
@@ -421,7 +469,7 @@ class Lab:
         if not self.is_up():
             raise LabError(f"the lab in {self.cfg.dir} is not up (run `kvmstate lab up`)")
 
-        for h in self.cfg.kvm:
+        for h in self._kvm_on():
             with virt.connect(self.cfg.libvirt_uri(h)) as conn:
                 dom = virt.lookup_domain(conn, domain)
                 if dom is None or not dom.isActive():
@@ -442,12 +490,15 @@ class Lab:
         if not self.is_up():
             raise LabError(f"the lab in {self.cfg.dir} is not up (run `kvmstate lab up`)")
 
-        for h in self.cfg.kvm:
+        for h in self._kvm_on():
             with virt.connect(self.cfg.libvirt_uri(h)) as conn:
                 dom = virt.lookup_domain(conn, domain)
                 if dom is not None and dom.isActive():
                     return h.name
         return None
+
+    def _kvm_on(self) -> list[HostConfig]:
+        return [h for h in self.cfg.kvm if power.power_state(self.cfg, h) != power.OFF]
 
     def _counter_from_serial(self, h: HostConfig, xml: str) -> guest.CounterReading | None:
         import xml.etree.ElementTree as ET

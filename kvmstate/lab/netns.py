@@ -97,13 +97,18 @@ def create_host_namespaces(host: HostConfig) -> None:
     )
 
 
-def destroy_host(host: HostConfig) -> None:
-    """Drop the host's namespaces (freed once no process and no mount holds them)."""
+def drop_host_namespaces(host: HostConfig) -> None:
+    """Drop the host's mount and UTS namespaces (its network namespace stays)."""
     for f in (host.mnt_ns, host.uts_ns):
         if _mounted(f):
             run(["umount", str(f)], check=False)
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
+
+
+def destroy_host(host: HostConfig) -> None:
+    """Drop the host's namespaces (freed once no process and no mount holds them)."""
+    drop_host_namespaces(host)
     if host.netns_path.exists():
         run(["ip", "netns", "del", host.netns], check=False)
     if Path(f"/sys/class/net/{host.veth}").exists():

@@ -264,3 +264,99 @@ def test_status_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         ("storage", "storage", "10.77.0.10"),
         ("kvm-1", "kvm", "10.77.0.11"),
     ]
+
+
+# Lab power (issue 19): the fence agent's arguments, exit codes and state file -------------
+
+
+@pytest.fixture
+def fake_netns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Hosts' network namespaces as files under tmp_path (the real /run/netns is never read)."""
+    from kvmstate.lab.config import HostConfig
+
+    ns_dir = tmp_path / "netns"
+    ns_dir.mkdir()
+    monkeypatch.setattr(HostConfig, "netns_path", property(lambda self: ns_dir / self.netns))
+    return ns_dir
+
+
+def test_fence_agent_arguments() -> None:
+    import io
+
+    from kvmstate.lab.power import parse_fence_args
+
+    def parsed(*argv: str, stdin: str | None = None) -> tuple[str | None, str]:
+        ns = parse_fence_args(argv, io.StringIO(stdin) if stdin is not None else None)
+        return ns.plug, ns.action
+
+    assert parsed("kvm-1", "off") == ("kvm-1", "off")
+    assert parsed("kvm-1", "status") == ("kvm-1", "status")
+    assert parsed("--action=off", "--plug=kvm-2") == ("kvm-2", "off")
+    assert parsed("-n", "kvm-2", "-o", "on") == ("kvm-2", "on")
+    assert parsed("--port", "kvm-2", "status") == ("kvm-2", "status")
+    assert parsed(stdin="action=status\nplug=kvm-1\n") == ("kvm-1", "status")
+    assert parsed("kvm-1") == ("kvm-1", "reboot")  # fence-agents' default action
+    with pytest.raises(SystemExit):
+        parsed("kvm-1", "explode")
+    with pytest.raises(SystemExit):
+        parsed("kvm-1", "off", "extra")
+
+
+def test_fence_agent_status_exit_codes_follow_the_state_file(
+    tmp_path: Path, fake_netns: Path
+) -> None:
+    import io
+
+    from kvmstate.lab import power
+
+    cfg = LabConfig(dir=tmp_path / "lab")
+
+    def agent(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        ns = power.parse_fence_args(["--dir", str(cfg.dir), *argv])
+        code = power.fence(ns.dir, ns.plug, ns.action, out=out, err=err)
+        return code, out.getvalue().strip(), err.getvalue().strip()
+
+    # The lab is down (no namespaces): every host is off.
+    assert agent("kvm-1", "status") == (2, "Status: OFF", "")
+    for h in cfg.hosts:
+        (fake_netns / h.netns).touch()
+    cfg.save()  # as `lab up` does: no power recorded yet, so on
+    assert agent("kvm-1", "status") == (0, "Status: ON", "")
+    power.record_power(cfg, {"kvm-1": power.OFF, "kvm-2": power.ISOLATED})
+    assert agent("kvm-1", "status") == (2, "Status: OFF", "")
+    assert agent("kvm-2", "status") == (0, "Status: ON", "")  # partitioned is not off
+    assert power.power_state(cfg, cfg.host("kvm-2")) == power.ISOLATED
+    assert power.power_state(cfg, cfg.host("storage")) == power.ON
+    code, out, err = agent("kvm-9", "status")
+    assert (code, out) == (1, "") and err.startswith("Failed: no lab host 'kvm-9'")
+    assert agent("kvm-1", "list")[1].splitlines() == [
+        "storage,10.77.0.10",
+        "kvm-1,10.77.0.11",
+        "kvm-2,10.77.0.12",
+    ]
+    # record_power keeps the other keys of state.json (kvm_hosts is what `lab` reloads).
+    power.record_power(cfg, {"kvm-1": power.ON})
+    assert LabConfig.load(cfg.dir).kvm_hosts == 2
+    assert power.recorded_power(cfg) == {"storage": "on", "kvm-1": "on", "kvm-2": "isolated"}
+
+
+def test_lab_state_file_records_every_hosts_power(tmp_path: Path, fake_netns: Path) -> None:
+    from kvmstate.lab import power
+    from kvmstate.lab.lab import Lab
+
+    lab = Lab(tmp_path / "lab")
+    lab.cfg.save()
+    lab._write_state(up=True)
+    assert power.recorded_power(lab.cfg) == {"storage": "on", "kvm-1": "on", "kvm-2": "on"}
+    lab._write_state(up=False)
+    assert set(power.recorded_power(lab.cfg).values()) == {"off"}
+
+
+def test_fence_agent_script(tmp_path: Path) -> None:
+    from kvmstate.lab import power
+
+    text = power.render_fence_agent("/opt/venv/bin/python", tmp_path)
+    assert text.startswith("#!/opt/venv/bin/python\n")
+    assert f"fence_main(['--dir', {str(tmp_path)!r}, *sys.argv[1:]])" in text
+    compile(text, "fence-agent", "exec")
