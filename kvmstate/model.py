@@ -269,6 +269,8 @@ class Plan:
     # blocked changes whose dependencies have changes of their own in this plan: they are
     # checked again once those are applied (a pool started on the target, say)
     deferred: frozenset[ResourceId] = frozenset()
+    # not observed: their host is down (fenced, or assumed down by a what-if plan)
+    down: Mapping[ResourceId, str] = field(default_factory=dict)
 
     @property
     def pending(self) -> tuple[Change, ...]:
@@ -295,6 +297,7 @@ class Plan:
         return {
             "changes": [c.as_dict() for c in self.changes],
             "errors": {str(k): v for k, v in self.errors.items()},
+            "down": {str(k): v for k, v in self.down.items()},
             "summary": self.counts(),
             "deferred": sorted(str(d) for d in self.deferred),
             "has_changes": self.has_changes,

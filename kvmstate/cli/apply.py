@@ -103,7 +103,7 @@ def apply(args: ApplyArgs, loaded: LoadedSpec, out: Console, err: Console) -> in
                 plan = await engine.plan()
         if plan.errors and not args.json:
             views.plan(out, plan, title=f"kvmstate apply {args.spec}")
-        if not plan.has_changes and not plan.errors:
+        if not plan.has_changes and not plan.errors and not plan.down:
             if args.json:
                 printer(RunReport({"converged": True, "outcomes": []}))
             else:

@@ -81,10 +81,10 @@ def cmd_plan(ns: argparse.Namespace, out: Console, err: Console) -> int:
             ),
             verbose=args.verbose > 0,
         )
-    if plan.errors:
-        return EXIT_ERROR
-    if down:  # a what-if: its changes are an answer, not pending work
+    if down and not plan.errors:  # a what-if: its changes are an answer, not pending work
         return EXIT_OK
+    if plan.errors or plan.down:  # a host down is a host that cannot be checked
+        return EXIT_ERROR
     return EXIT_CHANGES if plan.has_changes else EXIT_OK
 
 

@@ -120,6 +120,8 @@ def plan_summary(plan: Plan) -> str:
         text += f" {blocked} blocked."
     if plan.errors:
         text += f" {len(plan.errors)} could not be observed."
+    if plan.down:
+        text += f" {len(plan.down)} on down hosts."
     return text
 
 
@@ -130,7 +132,7 @@ def plan(console: Console, p: Plan, *, title: str = "", verbose: bool = False) -
     for c in p.changes:
         if c.is_noop and c.diffs and not c.pending:
             console.print(Hanging(Text(f"! {c.id}  {c.reason}", style="yellow"), indent=2))
-    if not p.has_changes and not p.errors:
+    if not p.has_changes and not p.errors and not p.down:
         console.print(
             Text(f"No changes. {len(p.changes)} resources match the spec.", style="green")
         )
@@ -140,6 +142,12 @@ def plan(console: Console, p: Plan, *, title: str = "", verbose: bool = False) -
             console.print(line)
     for rid, err in p.errors.items():
         console.print(Hanging(Text(f"✗ {rid}  cannot observe: {err}", style="red"), indent=2))
+    by_why: dict[str, list[str]] = {}
+    for rid, why in p.down.items():
+        by_why.setdefault(why, []).append(str(rid))
+    for why, ids in by_why.items():
+        note = Text(f"↓ {why}; not observed: {', '.join(ids)}", style="yellow")
+        console.print(Hanging(note, indent=2))
     console.print()
     console.print(Hanging(Text(plan_summary(p), style="bold"), hang=len("Plan: ")))
 

@@ -109,3 +109,7 @@ class Context(Protocol):
     def host_offline(self, host: str) -> str | None:
         """Why ``host`` is not contacted in this run (known down), or None."""
         ...
+
+    async def learn_down_hosts(self) -> None:
+        """Find out, before observing, which hosts are known down (fenced earlier)."""
+        ...

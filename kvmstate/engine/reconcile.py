@@ -132,6 +132,7 @@ class Engine:
 
         self.ctx.memo_enabled = True
         try:
+            await self.ctx.learn_down_hosts()  # hosts known down are not contacted
             return await self._observe_all(order, started)
         finally:
             self.ctx.end_memo()
@@ -173,8 +174,11 @@ class Engine:
         )
 
     def _down(self, rid: ResourceId) -> str | None:
-        """Why the node is not contacted in this run: every host it is on is down (fenced,
-        or assumed down by a what-if plan). None when it is to be observed."""
+        """Why the node is not contacted in this run: its own host, or every host it is on,
+        is down (fenced, or assumed down by a what-if plan). None when it is observed."""
+        if rid.host is not None and (own := self.ctx.host_offline(rid.host)):
+            # the host it is managed through (a shared volume: its pool's first host)
+            return f"{rid.host} is down ({own})"
         hosts = self.graph[rid].hosts()
         why = [self.ctx.host_offline(h) for h in hosts]
         if not hosts or not all(why):
@@ -226,14 +230,14 @@ class Engine:
     ) -> Plan:
         sem = asyncio.Semaphore(self.config.observe_concurrency)
         errors: dict[ResourceId, str] = {}
+        down: dict[ResourceId, str] = {}
 
         async def observe(rid: ResourceId) -> Change | None:
             r = self.graph[rid]
-            down = self._down(rid)
-            if down is not None:
-                change = Change(rid, Action.NOOP, (), f"not observed: {down}")
-                self.ctx.emit(Observed(str(rid), change.action.value))
-                return change
+            why = self._down(rid)
+            if why is not None:
+                down[rid] = why
+                return None
             for h in sorted({*r.hosts(), *(h for h, _ in r.reads())}):
                 if h in reads:
                     await reads[h]
@@ -255,7 +259,12 @@ class Engine:
         results = await asyncio.gather(*(observe(rid) for rid in order))
         changes = self._arrange(tuple(c for c in results if c is not None))
         return Plan(
-            changes, errors, tuple(order), time.monotonic() - started, self._deferred(changes)
+            changes,
+            errors,
+            tuple(order),
+            time.monotonic() - started,
+            self._deferred(changes),
+            down,
         )
 
     def _arrange(self, changes: tuple[Change, ...]) -> tuple[Change, ...]:

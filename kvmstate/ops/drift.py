@@ -104,5 +104,6 @@ class DriftReport:
 
 def drift_report(graph: ResourceGraph, plan: Plan) -> DriftReport:
     explained = explained_errors(graph, plan)
-    unexplained = {k: v for k, v in plan.errors.items() if k not in explained}
-    return DriftReport(drift_entries(plan), explained, unexplained, plan.errors)
+    errors = {**plan.errors, **plan.down}  # a down host's resources cannot be told either
+    unexplained = {k: v for k, v in errors.items() if k not in explained}
+    return DriftReport(drift_entries(plan), explained, unexplained, errors)

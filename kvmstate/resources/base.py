@@ -88,6 +88,10 @@ class RunContext:
         """Why ``host`` is not contacted in this run (down: fenced now, or a what-if)."""
         return self.liveness.offline(host)
 
+    async def learn_down_hosts(self) -> None:
+        """Hosts fenced earlier (in the ledger) are probed once: still unreachable = down."""
+        await self.liveness.learn()
+
     def shell(self, host: str) -> Shell:
         return self.transports.shell(host)
 

@@ -281,6 +281,13 @@ class DomainResource(Resource[DomainObs | Away]):
         where = await locate(ctx, self.name, self.hosts())
         found = where.found
         if len(found) > 1:
+            back = [h for h in sorted(found) if ctx.liveness.ledger.get(h) is not None]
+            if back:  # a fenced host that came back: its fence node cleans up first
+                raise KvmstateError(
+                    f"domain {self.name} is defined on {', '.join(sorted(found))}: "
+                    f"{', '.join(back)} came back after it was fenced, and fence:{back[0]} "
+                    "removes its stale definition first"
+                )
             raise KvmstateError(
                 f"domain {self.name} is defined on {len(found)} hosts "
                 f"({', '.join(sorted(found))}); "

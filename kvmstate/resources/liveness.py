@@ -193,6 +193,12 @@ class Liveness:
             self._known.setdefault(host, st)
         return st
 
+    async def learn(self) -> None:
+        """Classify the hosts the ledger names (fenced earlier), in parallel, so that a host
+        still down is known before anything tries to contact it."""
+        names = [h for h in self.ledger.load() if h in self.spec.hosts and h not in self._known]
+        await asyncio.gather(*(self.state(h) for h in names))
+
     def forget(self, host: str) -> None:
         """Probe again on the next ``state`` (after fencing, or a host's return)."""
         self._states.pop(host, None)
@@ -218,13 +224,8 @@ class Liveness:
             return HostState(host, True, record=record)
         if record is not None:
             return HostState(host, False, why, record.describe(), record)
-        fence = self.spec.hosts[host].fence
-        if fence is not None:
-            power, _ = await agent_power(fence, host)
-            if power == "off":
-                return HostState(
-                    host, False, why, f"its fence agent {fence.program} reports it off"
-                )
+        # Not fenced yet, even if its agent would say "off" now: fencing is apply's power-off
+        # confirmed by the agent (journaled, after the grace period), never a plan's reading.
         return HostState(host, False, why)
 
     async def confirm_unreachable(self, host: str, grace: float) -> str | None:

@@ -17,6 +17,7 @@ from fakelab import LAB_SPEC, make_spec, prepare, run
 
 from kvmstate import virt
 from kvmstate.engine import Engine
+from kvmstate.ids import ResourceId
 from kvmstate.loader import SpecError
 from kvmstate.model import Action, Plan, Report, Status
 from kvmstate.resources import REGISTRY
@@ -210,7 +211,7 @@ def test_what_if_host_down_touches_nothing(converged: Run) -> None:
     dom = change(p, "domain:guest")
     assert dom.action is Action.CREATE and not dom.blocked  # type: ignore[attr-defined]
     assert "HA restart on kvm-2" in dom.reason  # type: ignore[attr-defined]
-    assert "not observed" in change(p, "pool:kvm-1:images").reason  # type: ignore[attr-defined]
+    assert "kvm-1 is down (what-if" in p.down[ResourceId("pool", "images", "kvm-1")]
     assert r.where() == {"kvm-1": "running"}
     assert r.ledger.get("kvm-1") is None
 
