@@ -168,7 +168,9 @@ case "$NAME" in
 esac
 case "$DIRTY" in "" | *[!0-9]*) say "dirty rate $DIRTY rejected"; DIRTY={DEFAULT_DIRTY_MIB} ;; esac
 
-# The counter continues from the disk's record, so a restart or a crash does not reset it.
+# The counter continues from the disk's record, so a restart or a crash does not reset it:
+# each record is flushed (fsync: a virtio flush, so QEMU commits the qcow2 metadata of a
+# newly written cluster too), as a database would, or a power loss could take it back.
 n=0
 if [ -n "$DISK" ]; then
     set -- $(dd if="$DISK" bs=512 skip={COUNTER_SECTOR} count=1 2>/dev/null |
@@ -182,7 +184,7 @@ counter() {{
         n=$((n + 1))
         if [ -n "$DISK" ]; then
             printf '{DISK_MAGIC} %d boot=%s\\n' "$n" "$BOOT" |
-                dd of="$DISK" bs=512 seek={COUNTER_SECTOR} count=1 conv=sync,notrunc \\
+                dd of="$DISK" bs=512 seek={COUNTER_SECTOR} count=1 conv=sync,notrunc,fsync \\
                     oflag=direct 2>/dev/null
         fi
         echo "{COUNTER_PREFIX} $n boot=$BOOT"

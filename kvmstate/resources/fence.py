@@ -11,7 +11,7 @@ before every other resource of its host, and before the domains that may be ther
   then the host is **down** for the rest of the run (its other resources are reported down,
   not failed) and its HA domains restart elsewhere. Never on a timeout alone.
 - no fence agent: nothing is started elsewhere until a person confirms the host is off
-  (``kvmstate fence HOST --confirm-off``, journaled).
+  (``kvmstate fence HOST SPEC --confirm-off``, journaled).
 - host answers again after being fenced: the definitions of domains now running elsewhere
   are undefined there (their disks are never touched), then the fence is forgotten. An HA
   domain never has libvirt's autostart flag, so the returning host did not start it; one
@@ -164,7 +164,7 @@ class FenceResource(Resource[FenceObs]):
         if fence is None:
             return self.noop(
                 f"{st.describe()}; HA domains {waiting} wait: it has no fence agent, a person "
-                f"confirms it off: kvmstate fence {self.h} --confirm-off"
+                f"confirms it off: kvmstate fence {self.h} SPEC --confirm-off"
             )
         if st.what_if:
             return self.noop(st.describe())

@@ -35,7 +35,7 @@ def _why_not_fenced(ctx: RunContext, host: str) -> str | None:
     if fence is None:
         return (
             f"{host} has no fence agent (hosts.{host}.fence); once you made sure it is off: "
-            f"kvmstate fence {host} --confirm-off"
+            f"kvmstate fence {host} SPEC --confirm-off"
         )
     return None
 

@@ -2,7 +2,7 @@
 
 A host is **down** only when it is unreachable AND known to be powered off: its fence agent
 (``hosts.NAME.fence``, run on the control machine) powered it off and reports it off, or a
-person confirmed it (``kvmstate fence HOST --confirm-off``). Unreachable alone is never
+person confirmed it (``kvmstate fence HOST SPEC --confirm-off``). Unreachable alone is never
 enough: a network partition leaves a host unreachable with its guests running, and starting
 them elsewhere would make two copies writing one disk. Only a down host's HA domains are
 started elsewhere; a down host's other resources are reported down, not failed, so that
@@ -245,7 +245,7 @@ class Liveness:
         if fence is None:
             raise KvmstateError(
                 f"{host} has no fence agent (hosts.{host}.fence); once it is off, confirm "
-                f"it: kvmstate fence {host} --confirm-off"
+                f"it: kvmstate fence {host} SPEC --confirm-off"
             )
         deadline = time.monotonic() + fence.timeout
         rc, _ = await run_agent(fence.power_off, fence.timeout)

@@ -178,7 +178,7 @@ class Host(Model):
     fence: Fence | None = Field(
         default=None,
         description="the fence agent that powers this host off when it is dead (HA): "
-        "without one, a person confirms it with `kvmstate fence HOST --confirm-off`",
+        "without one, a person confirms it with `kvmstate fence HOST SPEC --confirm-off`",
     )
 
 
