@@ -83,13 +83,24 @@ NOT_FOUND_CODES = frozenset(
 TEMPORARY_CODES = frozenset(
     {VIR_ERR_NO_CONNECT, VIR_ERR_SYSTEM_ERROR, VIR_ERR_RPC, VIR_ERR_OPERATION_TIMEOUT}
 )
+VIR_ERR_INTERNAL_ERROR = 1
+# The connection's socket was already closed when the call was made (libvirt's client saw the
+# EOF first): an internal error by code, a lost connection by nature. Which of the two errors
+# a call meets after the connection drops depends on which thread sees the EOF first.
+CLOSED_SOCKET = "client socket is closed"
+
+
+def is_temporary(code: int, message: str) -> bool:
+    return code in TEMPORARY_CODES or (code == VIR_ERR_INTERNAL_ERROR and CLOSED_SOCKET in message)
 
 
 class LibvirtError(TransportError):
     """A libvirt call failed. ``code`` is libvirt's ``virErrorNumber``."""
 
     def __init__(self, host: str, call: str, code: int, message: str) -> None:
-        super().__init__(host, f"libvirt {call}", None, message, temporary=code in TEMPORARY_CODES)
+        super().__init__(
+            host, f"libvirt {call}", None, message, temporary=is_temporary(code, message)
+        )
         self.code = code
         self.call = call
 

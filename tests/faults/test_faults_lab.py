@@ -33,6 +33,7 @@ from labkit import (
 )
 
 from kvmstate.lab.lab import Lab
+from kvmstate.lab.proc import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -421,6 +422,13 @@ def _paused_at_switch_over(lab: Lab, host: str, domain: str) -> None:
     out = lab.run(host, ["python3", "-c", _SWITCH_OVER, mon]).stdout.split()
     assert out == ["completed", "postmigrate"], out
     restart_daemon(lab, "libvirtd", host)
+    # libvirtd answers before its reconnect thread has read QEMU's state back: until then the
+    # domain shows its saved "running (booted)" (a readiness wait, bounded as a hang guard)
+    wait_for(
+        f"libvirtd on {host} reading {domain} back as paused (migrating)",
+        lambda: virsh(lab, host, "domstate", "--reason", domain).strip() == "paused (migrating)",
+        timeout=60,
+    )
 
 
 def test_a_source_left_paused_at_switch_over_is_resumed_on_its_one_host(fresh: Lab) -> None:

@@ -110,16 +110,7 @@ def test_an_unreachable_host_that_is_not_fenced_keeps_its_guest(
     ha_lab: tuple[Lab, dict[str, str]], tmp_path: Path
 ) -> None:
     lab, env = ha_lab
-    no_agent = variant(
-        tmp_path,
-        "no-agent",
-        lambda t: re.sub(
-            r"  kvm-1:\n    address: (\S+)\n    fence:\n(      .*\n)+",
-            r"  kvm-1: {address: \1}\n",
-            t,
-        ),
-        base=HA_SPEC,
-    )
+    no_agent = no_agent_on_kvm1(tmp_path)
     before = wait_counter_on(lab, "kvm-1", 2)
     lab.isolate("kvm-1")  # its link down, every process alive: a partition, not a death
     try:
@@ -139,6 +130,42 @@ def test_an_unreachable_host_that_is_not_fenced_keeps_its_guest(
     assert r.returncode == 0, r.stdout + r.stderr
     assert defined_on(lab) == {"kvm-1": "running"}
     assert wait_counter_on(lab, "kvm-1", before.value).boot == before.boot  # never restarted
+
+
+def no_agent_on_kvm1(tmp_path: Path) -> Path:
+    return variant(
+        tmp_path,
+        "no-agent",
+        lambda t: re.sub(
+            r"  kvm-1:\n    address: (\S+)\n    fence:\n(      .*\n)+",
+            r"  kvm-1: {address: \1}\n",
+            t,
+        ),
+        base=HA_SPEC,
+    )
+
+
+def test_a_person_confirms_a_dead_host_off_and_it_is_journaled(
+    ha_lab: tuple[Lab, dict[str, str]], tmp_path: Path
+) -> None:
+    """No fence agent: the restart waits for a person; `kvmstate fence --confirm-off` is
+    refused while the host answers, recorded (and journaled) once it does not."""
+    lab, env = ha_lab
+    spec = no_agent_on_kvm1(tmp_path)
+    r = cli("fence", "kvm-1", spec, "--confirm-off", env=env)
+    assert r.returncode == 1 and "answers over SSH" in r.stderr, r.stdout + r.stderr
+    lab.crash("kvm-1")
+    r = cli("apply", spec, "--auto-approve", env=env)
+    assert r.returncode == 1 and GUEST not in virsh(lab, "kvm-2", "list", "--all", "--name")
+    r = cli("fence", "kvm-1", spec, "--confirm-off", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "confirmed off by" in r.stdout, r.stdout
+    journal = (Path(env["KVMSTATE_STATE_DIR"]) / "journal.jsonl").read_text().splitlines()
+    entry = json.loads(journal[-1])
+    assert entry["event"] == "fence" and entry["host"] == "kvm-1" and entry["how"] == "person"
+    r = cli("apply", spec, "--auto-approve", env=env)
+    assert r.returncode == 1, r.stdout + r.stderr  # kvm-1 is down: not converged
+    assert virsh(lab, "kvm-2", "domstate", GUEST).strip() == "running"
 
 
 def test_what_if_a_host_died_now_touches_nothing(ha_lab: tuple[Lab, dict[str, str]]) -> None:

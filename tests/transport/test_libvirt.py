@@ -273,3 +273,18 @@ def test_detailed_stats_count_forwards_and_libvirt_calls(sshd: LocalSSHD, tmp_pa
     d = asyncio.run(main())["h1"]
     assert (d["connections"], d["channels"], d["forwards"], d["libvirt_calls"]) == (1, 1, 1, 0)
     assert d["connect_seconds"] > 0
+
+
+def test_a_call_on_an_already_closed_connection_is_temporary() -> None:
+    """After the SSH connection under libvirt drops, a call meets either "End of file while
+    reading data" (a system error) or, when libvirt's client saw the EOF first, "client
+    socket is closed" (an internal error by code): both are a lost connection, retried on a
+    new one. Other internal errors are not."""
+    from kvmstate.transport.libvirt import LibvirtError
+
+    closed = LibvirtError("h1", "getLibVersion()", 1, "internal error: client socket is closed")
+    assert closed.temporary
+    eof = LibvirtError("h1", "getLibVersion()", 38, "End of file while reading data")
+    assert eof.temporary
+    other = LibvirtError("h1", "defineXML()", 1, "internal error: unexpected domain type")
+    assert not other.temporary
