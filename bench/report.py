@@ -134,9 +134,20 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# Everything after this line in the page is written by hand (measurements of one issue, what
+# a number means) and kept when the generated part above it is written again.
+NOTES_MARKER = "<!-- notes below are written by hand; bench/report.py keeps them -->"
+
+
 def write_page(data: dict[str, Any], path: Path = PAGE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_markdown(data))
+    notes = ""
+    if path.exists():
+        old = path.read_text()
+        if NOTES_MARKER in old:
+            notes = old[old.index(NOTES_MARKER) :]
+    page = render_markdown(data)
+    path.write_text(page.rstrip("\n") + "\n\n" + notes if notes else page)
 
 
 def main() -> int:
