@@ -61,19 +61,6 @@ def heavy(loaded: set[str], names: tuple[str, ...]) -> list[str]:
     return sorted(n for n in names if any(m == n or m.startswith(n + ".") for m in loaded))
 
 
-def unreachable_spec(tmp: Path) -> str:
-    """specs/lab.yaml with every host on 127.0.0.1 and an identity file that does not exist:
-    a real `plan` up to the transports, and nothing is contacted."""
-    text = (ROOT / "specs" / "lab.yaml").read_text()
-    for n in ("10", "11", "12"):
-        text = text.replace(f"10.77.0.{n}", "127.0.0.1")
-    text = text.replace("/var/lib/kvmstate-lab/id_ed25519", str(tmp / "no-such-key"))
-    text = text.replace("/var/lib/kvmstate-lab/known_hosts", str(tmp / "no-known-hosts"))
-    path = tmp / "unreachable.yaml"
-    path.write_text(text)
-    return str(path)
-
-
 def run_main(*argv: str) -> str:
     return f"from kvmstate.cli import main\nmain({list(argv)!r})"
 
@@ -90,11 +77,15 @@ def test_the_plan_path_imports_only_what_a_plan_uses() -> None:
 
 
 def test_a_plan_that_reaches_for_the_hosts_imports_only_what_a_plan_uses(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole `kvmstate plan` path (spec, graph, engine, SSH transports, the output), not
-    only its imports: every host is unreachable (no identity file), so nothing is contacted."""
-    loaded = modules_after(run_main("plan", unreachable_spec(tmp_path)))
+    only its imports: every host is unreachable (no identity file), so nothing is contacted
+    (the spec bench/startup.py times the same process with)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.startup import unreachable_lab_spec
+
+    loaded = modules_after(run_main("plan", str(unreachable_lab_spec(tmp_path))))
     assert "asyncssh" in loaded  # the plan did reach for the hosts
     assert heavy(loaded, ONLY_WHEN_NEEDED) == []
 
