@@ -29,14 +29,7 @@ class FenceArgs:
 
 def cmd_fence(ns: argparse.Namespace, out: Console, err: Console) -> int:
     from kvmstate.ops import journal
-    from kvmstate.ops.runlock import state_dir
-    from kvmstate.resources.liveness import (
-        FenceLedger,
-        FenceRecord,
-        Liveness,
-        ledger_path,
-        stamp,
-    )
+    from kvmstate.resources.liveness import FenceRecord, Liveness, stamp
     from kvmstate.transport.real import RealTransports
 
     args = typed(FenceArgs, ns)
@@ -50,7 +43,7 @@ def cmd_fence(ns: argparse.Namespace, out: Console, err: Console) -> int:
             f"{args.host} has no fence agent (hosts.{args.host}.fence in {args.spec}); once you "
             f"made sure it is off: kvmstate fence {args.host} {args.spec} --confirm-off"
         )
-    ledger = FenceLedger(ledger_path(state_dir(), spec))
+    ledger = wiring.fence_ledger(loaded)
 
     async def run() -> FenceRecord:
         transports = RealTransports(spec)

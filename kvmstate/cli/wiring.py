@@ -82,20 +82,23 @@ def engine_for(
         adopt=adopt,
         restart_pending=restart_pending,
         assume_down=assume_down,
-        fence_ledger=None if assume_empty else fence_ledger(loaded),
+        # only a spec with HA domains fences (and reads the ledger)
+        fence_ledger=fence_ledger(loaded)
+        if not assume_empty and any(d.ha is not None for d in loaded.spec.domains.values())
+        else None,
     )
     ctx = RunContext(loaded.spec, transports, options, events)
     return Engine(graph, ctx, EngineConfig(max_rounds=max_rounds)), transports
 
 
-def fence_ledger(loaded: LoadedSpec) -> FenceLedger | None:
-    """The cluster's ledger of fenced hosts, on this machine (only a spec with HA has one)."""
-    if not any(d.ha is not None for d in loaded.spec.domains.values()):
-        return None
-    from kvmstate.ops.runlock import state_dir
-    from kvmstate.resources.liveness import FenceLedger, ledger_path
+def fence_ledger(loaded: LoadedSpec) -> FenceLedger:
+    """The cluster's ledger of fenced hosts on this machine: one file per cluster, named
+    like its run lock (``cluster_key``: its host names and addresses)."""
+    from kvmstate.ops.runlock import cluster_key, state_dir
+    from kvmstate.resources.liveness import FenceLedger
 
-    return FenceLedger(ledger_path(state_dir(), loaded.spec))
+    key = cluster_key({n: h.address for n, h in loaded.spec.hosts.items()})
+    return FenceLedger(state_dir() / "fenced" / f"{key}.json")
 
 
 def observe(loaded: LoadedSpec, graph: ResourceGraph) -> Plan:

@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from kvmstate.errors import HostUnreachable, KvmstateError
 from kvmstate.spec import Fence, Spec
@@ -252,7 +251,7 @@ class Liveness:
         if rc != 0:
             log.warning("%s: fence agent %s (off) exited %s", host, fence.program, rc)
         while True:
-            power, detail = await agent_power(fence, host, max(1.0, deadline - time.monotonic()))
+            power, detail = await agent_power(fence, max(1.0, deadline - time.monotonic()))
             if power == "off":
                 break
             if time.monotonic() >= deadline:
@@ -293,7 +292,7 @@ async def run_agent(argv: list[str], timeout: float) -> tuple[int | None, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
-async def agent_power(fence: Fence, host: str, timeout: float | None = None) -> tuple[str, str]:
+async def agent_power(fence: Fence, timeout: float | None = None) -> tuple[str, str]:
     """("on" | "off" | "unknown", a short detail without the agent's output) from the
     agent's status command: exit 2 (fence-agents' convention) or the word "off" = off."""
     rc, out = await run_agent(fence.status, timeout or fence.timeout)
@@ -304,15 +303,3 @@ async def agent_power(fence: Fence, host: str, timeout: float | None = None) -> 
     if rc is None:
         return "unknown", f"{fence.program} status timed out"
     return "unknown", f"{fence.program} status exited {rc}"
-
-
-def ledger_path(state_dir: Path, spec: Spec) -> Path:
-    """Where a cluster's ledger lives: one file per cluster (its hosts and addresses)."""
-    import hashlib
-
-    text = ",".join(f"{k}={v.address}" for k, v in sorted(spec.hosts.items()))
-    return state_dir / "fenced" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-
-
-def snapshot(states: Mapping[str, HostState]) -> dict[str, Any]:
-    return {h: {"reachable": s.reachable, "fenced": s.fenced} for h, s in states.items()}
