@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kvmstate.errors import Problem
+from kvmstate.ids import ResourceId
 from kvmstate.model import Action, Change, Plan, Report, Status
 from kvmstate.ui.layout import Hanging
 
@@ -142,14 +143,19 @@ def plan(console: Console, p: Plan, *, title: str = "", verbose: bool = False) -
             console.print(line)
     for rid, err in p.errors.items():
         console.print(Hanging(Text(f"✗ {rid}  cannot observe: {err}", style="red"), indent=2))
-    by_why: dict[str, list[str]] = {}
-    for rid, why in p.down.items():
-        by_why.setdefault(why, []).append(str(rid))
-    for why, ids in by_why.items():
-        note = Text(f"↓ {why}; not observed: {', '.join(ids)}", style="yellow")
-        console.print(Hanging(note, indent=2))
+    _down_lines(console, p.down.items(), "; not observed")
     console.print()
     console.print(Hanging(Text(plan_summary(p), style="bold"), hang=len("Plan: ")))
+
+
+def _down_lines(console: Console, down: Iterable[tuple[ResourceId, str]], after: str = "") -> None:
+    """One line per reason a host is down, naming the resources on it."""
+    by_why: dict[str, list[str]] = {}
+    for rid, why in down:
+        by_why.setdefault(why, []).append(str(rid))
+    for why, ids in by_why.items():
+        line = Text(f"↓ {why}{after}: {', '.join(ids)}", style="yellow")
+        console.print(Hanging(line, indent=2))
 
 
 def report(console: Console, r: Report) -> None:
@@ -160,11 +166,7 @@ def report(console: Console, r: Report) -> None:
     for o in failed:
         mark, style = STATUS_STYLE[o.status]
         console.print(Hanging(Text(f"{mark} {o.id}: {o.error}", style=style), indent=2))
-    by_host: dict[str, list[str]] = {}
-    for o in down:
-        by_host.setdefault(o.error or "host down", []).append(str(o.id))
-    for why, ids in by_host.items():
-        console.print(Hanging(Text(f"↓ {why}: {', '.join(ids)}", style="yellow"), indent=2))
+    _down_lines(console, ((o.id, o.error or "host down") for o in down))
     if skipped:
         by_cause: dict[str, list[str]] = {}
         for o in skipped:
